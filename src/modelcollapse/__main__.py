@@ -1,0 +1,3 @@
+from modelcollapse.cli import main
+
+main()

@@ -1,0 +1,142 @@
+"""The command line: parses, dispatches, and prints. Bad input is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from modelcollapse.errors import BadInput
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Model-fitting feedback loops, and whether the models collapse.")
+
+
+class Scale(str, Enum):
+    quick = "quick"
+    cpu = "cpu"
+    paper = "paper"
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="experiment config (TOML)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/<name>); resumed if present"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set linreg.T=50"),
+):
+    """Run one experiment: every policy, seed and iteration of CONFIG."""
+    from modelcollapse import config as configlib
+    from modelcollapse.loop import run_experiment
+
+    cfg = configlib.load(config, set_)
+    out = out or Path("runs") / cfg.name
+    run_experiment(cfg, out)
+    typer.echo(f"done: {out}")
+
+
+@app.command()
+def theory(
+    family: str = typer.Argument(..., help="only 'linreg' has closed forms"),
+    policy: str = typer.Option("accumulate", "--policy", help="replace, accumulate or replace-grown"),
+    d: int = typer.Option(10, "--d"),
+    T: int = typer.Option(111, "--T"),
+    sigma2: float = typer.Option(1.0, "--sigma2"),
+    iterations: int = typer.Option(10, "--iterations"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object instead of a table"),
+):
+    """Closed-form expected test error per iteration (the paper's Theorems 1 and 2)."""
+    from modelcollapse import theory as th
+
+    if family != "linreg":
+        raise BadInput(f"theory: no closed forms for family {family!r}; only 'linreg' has them")
+    errors = th.linreg_test_error(policy, d, T, sigma2, iterations)
+    c = th.linreg_c(d, T, sigma2)
+    if as_json:
+        typer.echo(json.dumps({"family": family, "policy": policy, "d": d, "T": T, "sigma2": sigma2, "c": c,
+                               "bound": th.linreg_accumulate_bound(d, T, sigma2) if policy == "accumulate" else None,
+                               "iteration": list(range(1, iterations + 1)), "test_error": errors.tolist()}))
+        return
+    typer.echo(f"# linreg {policy}: d={d} T={T} sigma2={sigma2} c={c:.6g}")
+    typer.echo("iteration\ttest_error")
+    for n, e in enumerate(errors, 1):
+        typer.echo(f"{n}\t{e:.6g}")
+    if policy == "accumulate":
+        typer.echo(f"# bound c*pi^2/6 = {th.linreg_accumulate_bound(d, T, sigma2):.6g}")
+
+
+@app.command()
+def report(
+    dirs: list[Path] = typer.Argument(..., help="run directories (or sweep directories)"),
+    out: Path = typer.Option(..., "--out", help="report directory: index.html, PNG figures, summary.md"),
+):
+    """Figures and tables from run directories, with theory overlaid where it exists."""
+    from modelcollapse.report import write_report
+
+    write_report(dirs, out)
+    typer.echo(f"report: {out / 'index.html'}")
+
+
+@app.command()
+def sweep(
+    sweep_file: Path = typer.Argument(..., help="sweep file: [base] config and a [grid] of overrides"),
+    out: Path = typer.Option(..., "--out", help="sweep directory; each cell is a run directory inside it"),
+    set_: list[str] = typer.Option([], "--set", help="override a key of the base config"),
+):
+    """Run every cell of a sweep, one after another; a failed cell does not stop the others."""
+    from modelcollapse.sweep import run_sweep
+
+    results = run_sweep(sweep_file, out, set_)
+    failed = [(c, s) for c, s in results if s != "done"]
+    for cell, status in failed:
+        typer.echo(f"cell {cell.name}: {status}", err=True)
+    typer.echo(f"done: {len(results) - len(failed)}/{len(results)} cells in {out}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def reproduce(
+    scale: Scale = typer.Option(Scale.quick, "--scale", help="quick: minutes on a laptop; cpu: hours; paper: GPUs"),
+    only: Optional[str] = typer.Option(None, "--only", help="comma-separated families, e.g. linreg,lm"),
+    out: Path = typer.Option(Path("results"), "--out", help="one run directory per preset, and report/"),
+):
+    """The paper end to end at a scale: every preset of configs/<scale>/, then one report."""
+    from modelcollapse.reproduce import reproduce as reproduce_all
+
+    report_dir = reproduce_all(scale.value, only.split(",") if only else None, out)
+    typer.echo(f"report: {report_dir / 'index.html'}")
+
+
+@app.command()
+def bench(
+    name: str = typer.Argument(..., help="linreg, lm-train or lm-sample"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object a line"),
+    quick: bool = typer.Option(False, "--quick", help="a small smoke run (numbers are not meaningful)"),
+):
+    """Ours against the baseline, in one process, interleaved, on the same inputs."""
+    from modelcollapse.bench import run_bench
+
+    for row in run_bench(name, quick=quick):
+        if as_json:
+            typer.echo(json.dumps(row))
+        else:
+            typer.echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+
+def main() -> None:
+    try:
+        app()
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Generated conformers against reference ones, as GeoDiff reports them, and their chemical sanity.
+
+- RMSD: heavy atoms, after the optimal rotation and translation (Kabsch), minimised over the graph's
+  symmetries (the atom permutations that map the graph onto itself, RDKit self-matches, at most
+  MAX_SYMMETRIES): what rdMolAlign.GetBestRMS computes, vectorised over every pair at once.
+- COV-R: the fraction of reference conformers with a generated one within `threshold` (GeoDiff's δ = 1.25 Å
+  on GEOM-Drugs); MAT-R: the mean over reference conformers of the RMSD to the closest generated one. COV-P and
+  MAT-P swap the roles (precision). Each is computed per molecule, then averaged over molecules (GeoDiff
+  reports the mean and the median over molecules; the mean here).
+- bond_len_dev: the mean |d_gen − d_ref| over the bonds of every generated conformer, d_ref being the bond's
+  mean length over the molecule's reference conformers (Å).
+- rdkit_valid_frac: the fraction of generated conformers from whose coordinates RDKit
+  (rdDetermineBonds.DetermineConnectivity: covalent radii × 1.3) recovers exactly the graph's bonds; that is,
+  no bond is stretched apart, and no two atoms are so close that RDKit sees a bond that is not there (a clash).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from rdkit import Chem
+from rdkit.Chem import rdDetermineBonds
+
+from .data import ConformerSet, MolGraph
+
+MAX_SYMMETRIES = 1000  # GetBestRMS enumerates up to 1e6; heavy-atom drug graphs rarely have over a few dozen
+
+
+def symmetries(mol: Chem.Mol) -> np.ndarray:
+    """(K, N): row k maps atom i to atom perm[k, i] with the same graph around it (identity included)."""
+    matches = mol.GetSubstructMatches(mol, uniquify=False, useChirality=False, maxMatches=MAX_SYMMETRIES)
+    return np.array(matches or [tuple(range(mol.GetNumAtoms()))], dtype=np.int64)
+
+
+def rmsd_matrix(ref: np.ndarray, gen: np.ndarray, perms: np.ndarray) -> np.ndarray:
+    """Best RMSD between every reference (R, N, 3) and generated (G, N, 3) conformer: (R, G), Å."""
+    A = ref - ref.mean(1, keepdims=True)  # (R, N, 3)
+    B = gen[:, perms] - gen[:, None].mean(2, keepdims=True)  # (G, K, N, 3), each symmetry of each conformer
+    H = np.einsum("rni,gknj->rgkij", A, B)  # (R, G, K, 3, 3) covariance
+    s = np.linalg.svd(H, compute_uv=False)  # (R, G, K, 3), descending
+    # Kabsch: the best proper rotation gains σ1 + σ2 ± σ3, minus when the best fit would be a reflection
+    s[..., 2] *= np.sign(np.linalg.det(H))
+    sq = (A**2).sum((1, 2))[:, None, None] + (B**2).sum((2, 3))[None] - 2 * s.sum(-1)  # (R, G, K)
+    return np.sqrt(np.clip(sq.min(-1), 0.0, None) / ref.shape[1])
+
+
+def coverage(rmsd: np.ndarray, threshold: float) -> dict[str, float]:
+    """COV and MAT of one molecule from its (R, G) RMSD matrix."""
+    best_ref, best_gen = rmsd.min(1), rmsd.min(0)  # (R,), (G,)
+    return {"cov_r": float((best_ref < threshold).mean()), "mat_r": float(best_ref.mean()),
+            "cov_p": float((best_gen < threshold).mean()), "mat_p": float(best_gen.mean())}
+
+
+def bond_lengths(mol: Chem.Mol, pos: np.ndarray) -> np.ndarray:
+    """(C, B) length of every bond in every conformer, pos (C, N, 3)."""
+    ij = np.array([(b.GetBeginAtomIdx(), b.GetEndAtomIdx()) for b in mol.GetBonds()], dtype=np.int64).reshape(-1, 2)
+    return np.linalg.norm(pos[:, ij[:, 0]] - pos[:, ij[:, 1]], axis=-1)
+
+
+def bonds_recovered(mol: Chem.Mol, pos: np.ndarray) -> bool:
+    """Does RDKit read exactly `mol`'s bonds from the coordinates pos (N, 3) alone?"""
+    bare = Chem.RWMol()
+    for a in mol.GetAtoms():
+        bare.AddAtom(Chem.Atom(a.GetAtomicNum()))
+    conf = Chem.Conformer(mol.GetNumAtoms())
+    for k, p in enumerate(pos.astype(np.float64)):
+        conf.SetAtomPosition(k, p.tolist())
+    conf.Set3DConformer(True)
+    bare.AddConformer(conf)
+    rdDetermineBonds.DetermineConnectivity(bare)
+    return _edges(bare) == _edges(mol)
+
+
+def _edges(mol: Chem.Mol) -> set[tuple[int, int]]:
+    return {tuple(sorted((b.GetBeginAtomIdx(), b.GetEndAtomIdx()))) for b in mol.GetBonds()}
+
+
+def conformer_metrics(ref: ConformerSet, gen: ConformerSet, threshold: float) -> dict[str, float]:
+    """COV/MAT (R and P), bond_len_dev and rdkit_valid_frac of `gen` against `ref`, molecule by molecule
+    (graphs matched by key; every graph of `gen` must be in `ref`)."""
+    refs = {g.key: (g, [ref.pos[i] for i in idx]) for g, idx in zip(ref.graphs, ref.conformers_of())}
+    per_mol, dev, valid = [], [], []
+    for graph, idx in zip(gen.graphs, gen.conformers_of()):
+        if not idx:
+            continue
+        _, ref_pos = refs[graph.key]
+        R, G = np.stack(ref_pos).astype(np.float64), np.stack([gen.pos[i] for i in idx]).astype(np.float64)
+        per_mol.append(coverage(rmsd_matrix(R, G, symmetries(graph.mol)), threshold))
+        dev.append(np.abs(bond_lengths(graph.mol, G) - bond_lengths(graph.mol, R).mean(0)).ravel())
+        valid.extend(bonds_recovered(graph.mol, p) for p in G)
+    out = {k: float(np.mean([m[k] for m in per_mol])) for k in per_mol[0]}
+    out["bond_len_dev"] = float(np.concatenate(dev).mean())
+    out["rdkit_valid_frac"] = float(np.mean(valid))
+    return out
+
+
+# CPK-like colours; anything else grey
+COLOURS = {"C": "#404040", "N": "#3050f8", "O": "#ff0d0d", "F": "#90e050", "P": "#ff8000", "S": "#e0c000",
+           "Cl": "#1ff01f", "Br": "#a62929", "I": "#940094"}
+
+
+def render(graphs: list[MolGraph], ref_pos: list[np.ndarray], gen_pos: list[np.ndarray], path: Path) -> None:
+    """One column per molecule: a reference conformer above a generated one, as 3D ball-and-stick plots."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no backend to pick
+    from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  (registers the "3d" projection)
+
+    fig = Figure(figsize=(3.2 * len(graphs), 6.4))
+    for col, (graph, rows) in enumerate(zip(graphs, zip(ref_pos, gen_pos))):
+        for row, (pos, label) in enumerate(zip(rows, ("reference", "generated"))):
+            ax = fig.add_subplot(2, len(graphs), row * len(graphs) + col + 1, projection="3d")
+            for b in graph.mol.GetBonds():
+                seg = pos[[b.GetBeginAtomIdx(), b.GetEndAtomIdx()]]
+                ax.plot(seg[:, 0], seg[:, 1], seg[:, 2], color="#999999", lw=1.5)
+            colours = [COLOURS.get(a.GetSymbol(), "#b0b0b0") for a in graph.mol.GetAtoms()]
+            ax.scatter(pos[:, 0], pos[:, 1], pos[:, 2], c=colours, s=25, depthshade=False)
+            ax.set_title(f"{graph.name[:24]}\n{label}", fontsize=8)
+            ax.set_axis_off()
+            centre, half = pos.mean(0), np.abs(pos - pos.mean(0)).max()
+            ax.set_xlim(centre[0] - half, centre[0] + half)
+            ax.set_ylim(centre[1] - half, centre[1] + half)
+            ax.set_zlim(centre[2] - half, centre[2] + half)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    tmp.replace(path)

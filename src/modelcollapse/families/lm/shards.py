@@ -1,0 +1,199 @@
+"""Token shards on disk, and the light dataset object of the `lm` family that points into them.
+
+A shard is two .npy files: `STEM.tokens.npy`, every document's token ids back to back (uint16, or uint32 for
+a vocabulary over 65,536), and `STEM.starts.npy`, the int64 offsets where documents start (n_docs + 1 of
+them, the last being the token count). A document is stored as `BOS text EOS` (a sampled one that hit the
+length limit has no EOS). The starts file is written last, so a shard whose starts file exists is complete.
+
+A `TokenSet` (the family's Data) is a tuple of parts, each a shard and the documents chosen from it. Its size
+is its token count, BOS and EOS included. Concatenating and subsampling only build new lists of document
+indices; tokens are read from disk when batches are made, a chunk of documents at a time, through memory
+maps that are dropped after each chunk, so an accumulated pool of many generations is streamed, never
+held in memory whole.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from modelcollapse.errors import BadInput
+
+CHUNK_DOCS = 4096  # documents gathered per disk read: bounds the memory of a pass over any pool
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def _paths(stem: Path) -> tuple[Path, Path]:
+    stem = Path(stem)
+    return stem.with_name(stem.name + ".tokens.npy"), stem.with_name(stem.name + ".starts.npy")
+
+
+def shard_exists(stem: Path) -> bool:
+    return _paths(stem)[1].exists()
+
+
+def write_shard(stem: Path, docs: Iterable[np.ndarray], dtype: np.dtype) -> Path:
+    """Write documents (1-d arrays of token ids) as a shard, streaming: the tokens go to a raw file as they
+    come and are then copied behind a .npy header, so memory holds one document at a time."""
+    tokens_path, starts_path = _paths(stem)
+    tokens_path.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    raw, tmp_tokens, tmp_starts = (p.with_name(f".{p.name}.{tag}.tmp") for p in (tokens_path.with_suffix(".raw"), tokens_path, starts_path))
+    starts = [0]
+    try:
+        with open(raw, "wb") as f:
+            for doc in docs:
+                f.write(np.asarray(doc, dtype=dtype).tobytes())
+                starts.append(starts[-1] + len(doc))
+        n = starts[-1]
+        out = np.lib.format.open_memmap(tmp_tokens, mode="w+", dtype=dtype, shape=(n,))
+        if n:
+            src = np.memmap(raw, dtype=dtype, mode="r", shape=(n,))
+            for i in range(0, n, 1 << 24):
+                out[i : i + (1 << 24)] = src[i : i + (1 << 24)]
+            del src
+        out.flush()
+        del out
+        with open(tmp_starts, "wb") as f:
+            np.save(f, np.asarray(starts, dtype=np.int64))
+        os.replace(tmp_tokens, tokens_path)
+        os.replace(tmp_starts, starts_path)  # last: its presence marks the shard complete
+    finally:
+        for p in (raw, tmp_tokens, tmp_starts):
+            p.unlink(missing_ok=True)
+    return Path(stem)
+
+
+def _open(stem: Path) -> tuple[np.ndarray, np.ndarray]:
+    tokens_path, starts_path = _paths(stem)
+    try:
+        return np.load(tokens_path, mmap_mode="r"), np.load(starts_path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise BadInput(f"token shard {stem} is missing or corrupt: {e}") from None
+
+
+@dataclass(frozen=True, eq=False)
+class Part:
+    stem: Path
+    docs: np.ndarray | None  # indices of the chosen documents (None: all of them)
+    n_docs: int
+    n_tokens: int
+
+
+def open_part(stem: Path, docs: np.ndarray | None = None) -> Part:
+    tokens, starts = _open(stem)
+    if len(starts) < 1 or starts[-1] != len(tokens):
+        raise BadInput(f"token shard {stem} is corrupt: its offsets do not match its {len(tokens)} tokens")
+    if docs is None:
+        return Part(Path(stem), None, len(starts) - 1, int(starts[-1]))
+    lengths = np.diff(starts)[docs]
+    return Part(Path(stem), np.asarray(docs, dtype=np.int64), len(docs), int(lengths.sum()))
+
+
+class TokenSet:
+    """Documents in token shards: the `lm` family's dataset. Its size is its token count."""
+
+    def __init__(self, parts: Iterable[Part]):
+        self.parts = tuple(p for p in parts if p.n_docs)
+        self.n_tokens = sum(p.n_tokens for p in self.parts)
+        self.n_docs = sum(p.n_docs for p in self.parts)
+
+    @classmethod
+    def open(cls, stems: Iterable[Path]) -> "TokenSet":
+        return cls(open_part(s) for s in stems)
+
+    def __repr__(self) -> str:
+        return f"TokenSet({self.n_docs} documents, {self.n_tokens} tokens, {len(self.parts)} parts)"
+
+    @staticmethod
+    def concat(sets: Iterable["TokenSet"]) -> "TokenSet":
+        return TokenSet(p for s in sets for p in s.parts)
+
+    def doc_lengths(self) -> np.ndarray:
+        """(n_docs,) token count of every document, in order."""
+        out = []
+        for p in self.parts:
+            lengths = np.diff(_open(p.stem)[1])
+            out.append(lengths if p.docs is None else lengths[p.docs])
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def subsample(self, size: int, seed: int) -> "TokenSet":
+        """Documents in a random order (seeded) until they hold at least `size` tokens: the size reached is
+        `size` plus less than one document."""
+        if size > self.n_tokens:
+            raise ValueError(f"cannot subsample {size} tokens from {self.n_tokens}")
+        order = np.random.default_rng(seed).permutation(self.n_docs)
+        take = int(np.searchsorted(np.cumsum(self.doc_lengths()[order]), size)) + 1 if size > 0 else 0
+        chosen = np.sort(order[:take])
+        first = np.cumsum([0] + [p.n_docs for p in self.parts])
+        parts = []
+        for i, p in enumerate(self.parts):
+            local = chosen[(chosen >= first[i]) & (chosen < first[i + 1])] - first[i]
+            if len(local):
+                parts.append(open_part(p.stem, local if p.docs is None else p.docs[local]))
+        return TokenSet(parts)
+
+    def iter_docs(self, order: np.ndarray | None = None) -> Iterator[np.ndarray]:
+        """Every document's tokens (int64), in `order` (indices into this set) or in stored order."""
+        first = np.cumsum([0] + [p.n_docs for p in self.parts])
+        order = np.arange(self.n_docs) if order is None else order
+        for c in range(0, len(order), CHUNK_DOCS):
+            chunk = order[c : c + CHUNK_DOCS]
+            part_of = np.searchsorted(first, chunk, side="right") - 1
+            maps = {i: _open(self.parts[i].stem) for i in np.unique(part_of)}  # dropped after the chunk
+            for g, i in zip(chunk, part_of):
+                p = self.parts[i]
+                d = g - first[i] if p.docs is None else p.docs[g - first[i]]
+                tokens, starts = maps[i]
+                yield np.asarray(tokens[starts[d] : starts[d + 1]], dtype=np.int64)
+            del maps
+
+    def n_batches(self, block_size: int, batch_size: int) -> int:
+        """Batches in one pass of `batches`: rows of T targets each, over a stream of n_tokens tokens."""
+        rows = -(-max(self.n_tokens - 1, 0) // block_size)
+        return -(-rows // batch_size)
+
+    def batches(self, block_size: int, batch_size: int, seed: int | None, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """One pass over the documents, packed back to back into (x, y) batches of shape (B, T), with
+        y = x shifted by one, so that every token but the first is a target exactly once. Documents are
+        shuffled by `seed` (None: stored order). The last batch is padded: x with 0, y with -1 (ignored).
+        `start` skips that many batches (resuming a pass), reading only the documents after them."""
+        B, T = batch_size, block_size
+        order = np.arange(self.n_docs) if seed is None else np.random.default_rng(seed).permutation(self.n_docs)
+        skip = start * B * T  # tokens of the stream before the first batch wanted
+        if skip:
+            ends = np.cumsum(self.doc_lengths()[order])
+            k = int(np.searchsorted(ends, skip, side="right"))  # the first document not wholly skipped
+            offset = skip - (int(ends[k - 1]) if k else 0)
+            order = order[k:]
+        else:
+            offset = 0
+        buf = np.zeros(B * T + 1, dtype=np.int64)
+        fill = 0
+        for doc in self.iter_docs(order):
+            doc = doc[offset:]
+            offset = 0
+            while len(doc):
+                n = min(len(doc), len(buf) - fill)
+                buf[fill : fill + n] = doc[:n]
+                fill += n
+                doc = doc[n:]
+                if fill == len(buf):
+                    yield buf[:-1].reshape(B, T).copy(), buf[1:].reshape(B, T).copy()
+                    buf[0] = buf[-1]  # the last target is the next batch's first input
+                    fill = 1
+        if fill > 1:
+            rows = -(-(fill - 1) // T)
+            x = np.zeros(rows * T, np.int64)
+            y = np.full(rows * T, -1, np.int64)
+            x[: fill - 1] = buf[: fill - 1]
+            y[: fill - 1] = buf[1:fill]
+            yield x.reshape(rows, T), y.reshape(rows, T)

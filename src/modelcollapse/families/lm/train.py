@@ -1,0 +1,257 @@
+"""Training, evaluation and sampling loops of the `lm` family, in the manner of nanoGPT's train.py/sample.py.
+
+- `fit`: a fresh model (seeded init), `epochs` passes over the training set, documents shuffled and packed
+  into block_size rows, AdamW with linear warm-up and cosine decay to `min_lr_frac`·lr, gradient clipping,
+  bf16 autocast on CUDA (float32 on the CPU). Every `checkpoint_every` steps model, optimizer and RNG go to
+  `workdir/fit.ckpt.safetensors`, so a killed fit resumes where it stopped, with the same result.
+- `test_ce`: mean nats per token over every real test token (the text and its EOS; BOS is given, never a
+  target), the test documents packed as in training.
+- `sample_shards`: documents from BOS until EOS or `max_sample_len` tokens, until exactly `size` tokens,
+  written as shards of `shard_tokens` tokens. Shard k depends only on (seed, k), so a killed sampling
+  phase keeps its finished shards and redoes only the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from modelcollapse.families.lm.model import LM, lm_config
+from modelcollapse.families.lm.shards import TokenSet, shard_exists, token_dtype, write_shard
+from modelcollapse.seeding import derive_seed
+from modelcollapse.store import atomic_write_json
+
+BETAS = (0.9, 0.95)  # nanoGPT's and Llama-2's AdamW betas
+CHECKPOINT = "fit.ckpt.safetensors"
+
+
+def autocast(device: str):
+    """bf16 autocast on CUDA; plain float32 on the CPU (bf16 matmuls are ~20x slower there)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+
+
+def _seeded_rng(device: str):
+    """The global torch RNG, forked so our seeding never leaks out (dropout and init draw from it)."""
+    return torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else [])
+
+
+def lr_at(step: int, total: int, cfg) -> float:
+    """The learning rate of step `step` of `total`."""
+    warmup = round(cfg.warmup_frac * total)
+    # 1) linear warm-up from lr/warmup to lr
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    # 2) cosine decay from lr to min_lr over the remaining steps
+    progress = (step - warmup) / max(1, total - warmup)
+    min_lr = cfg.min_lr_frac * cfg.lr
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - min_lr)
+
+
+def build(cfg, vocab_size: int, seed: int, device: str) -> LM:
+    """A freshly initialised model of the configured shape, its init drawn from `seed`."""
+    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "ffn_hidden") if getattr(cfg, k) is not None}
+    shape = lm_config(cfg.model, vocab_size=vocab_size, block_size=cfg.block_size, dropout=cfg.dropout, **overrides)
+    with _seeded_rng(device):
+        torch.manual_seed(seed)
+        return LM(shape).to(device)
+
+
+def _targets(y: np.ndarray, bos: int) -> np.ndarray:
+    y[y == bos] = -1  # the BOS after each EOS is given, not predicted
+    return y
+
+
+# -- fit --------------------------------------------------------------------------------------------------
+
+
+def _save_checkpoint(path: Path, model: LM, opt: torch.optim.Optimizer, step: int, plan: dict) -> None:
+    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}  # clone: tied weights
+    state = opt.state_dict()
+    for i, s in state["state"].items():
+        tensors.update({f"opt.{i}.{k}": v.detach().clone().contiguous() for k, v in s.items()})
+    tensors["rng.cpu"] = torch.get_rng_state()
+    meta = dict(step=step, plan=plan, param_groups=state["param_groups"])
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata={"state": json.dumps(meta)})
+    tmp.replace(path)  # one file, renamed: a killed write leaves the previous checkpoint intact
+
+
+def _load_checkpoint(path: Path, model: LM, opt: torch.optim.Optimizer, plan: dict, device: str) -> int:
+    """Restore a checkpoint of the same plan; returns its step (0 when there is none to resume)."""
+    if not path.exists():
+        return 0
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+    if meta["plan"] != plan:
+        return 0  # another fit's checkpoint (other data, seed or settings): start afresh
+    tensors = load_file(str(path), device="cpu")
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v if name == "step" else v.to(device)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    return int(meta["step"])
+
+
+def fit(cfg, train: TokenSet, vocab_size: int, bos: int, seed: int, workdir: Path, device: str) -> LM:
+    """A fresh model trained for `cfg.epochs` passes over `train`."""
+    B, T = cfg.batch_size, cfg.block_size
+    per_epoch = train.n_batches(T, B)
+    total = cfg.epochs * per_epoch
+    model = build(cfg, vocab_size, derive_seed(seed, "init"), device)
+    opt = model.configure_optimizers(cfg.weight_decay, cfg.lr, BETAS)
+    step_fn = torch.compile(model) if cfg.compile else model
+    plan = dict(seed=seed, tokens=train.n_tokens, docs=train.n_docs, total=total, config=cfg.model_dump(mode="json"))
+    ckpt = Path(workdir) / CHECKPOINT
+    with _seeded_rng(device):
+        torch.manual_seed(derive_seed(seed, "dropout"))
+        step = _load_checkpoint(ckpt, model, opt, plan, device)
+        model.train()
+        bar = tqdm(total=total * B * T, initial=step * B * T, unit="tok", unit_scale=True, desc="fit", disable=None, leave=False)
+        while step < total:
+            epoch, start = divmod(step, per_epoch)
+            for x, y in train.batches(T, B, seed=derive_seed(seed, "order", epoch), start=start):
+                lr = lr_at(step, total, cfg)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                x = torch.from_numpy(x).to(device, non_blocking=True)
+                y = torch.from_numpy(_targets(y, bos)).to(device, non_blocking=True)
+                with autocast(device):
+                    _, loss = step_fn(x, y)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(B * T)
+                if step % 50 == 0 or step == total:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+                if step % cfg.checkpoint_every == 0 and step < total:
+                    _save_checkpoint(ckpt, model, opt, step, plan)
+        bar.close()
+    ckpt.unlink(missing_ok=True)  # the finished model is the loop's to save
+    model.eval()
+    return model
+
+
+# -- evaluation ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_ce(model: LM, test: TokenSet, cfg, bos: int, device: str) -> float:
+    """Mean nats per token over every token of `test` that follows its BOS."""
+    model.eval()
+    nats, count = 0.0, 0
+    for x, y in test.batches(cfg.block_size, cfg.batch_size, seed=None):
+        y = _targets(y, bos)
+        n = int((y >= 0).sum())
+        if n == 0:
+            continue
+        with autocast(device):
+            _, loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+        nats += float(loss) * n  # the model's loss is the mean over the targets that are not -1
+        count += n
+    return nats / count
+
+
+@torch.no_grad()
+def generate_docs(model: LM, n: int, cfg, bos: int, eos: int, generator: torch.Generator, device: str) -> list[np.ndarray]:
+    """`n` documents `BOS ... EOS` (no EOS when cut at max_sample_len tokens), sampled in one batch."""
+    model.eval()
+    idx = torch.full((n, 1), bos, dtype=torch.long, device=device)
+    with autocast(device):
+        out = model.generate(
+            idx, cfg.max_sample_len - 1, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eos, generator=generator
+        )
+    docs = []
+    for row in out.cpu().numpy():
+        ends = np.flatnonzero(row == eos)
+        docs.append(row[: ends[0] + 1] if len(ends) else row)
+    return docs
+
+
+def _generator(seed: int, device: str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def eval_samples(model: LM, cfg, bos: int, eos: int, seed: int, device: str) -> list[np.ndarray]:
+    """The `eval_samples` documents the diversity metrics and samples.txt are computed from."""
+    g = _generator(derive_seed(seed, "eval-samples"), device)
+    docs: list[np.ndarray] = []
+    while len(docs) < cfg.eval_samples:
+        docs += generate_docs(model, min(cfg.sample_batch, cfg.eval_samples - len(docs)), cfg, bos, eos, g, device)
+    return docs
+
+
+def diversity(docs: list[np.ndarray], bos: int, eos: int) -> dict[str, float]:
+    """distinct-n (unique n-grams / n-grams, pooled over documents, n = 1..3), distinct token ids used,
+    mean length in tokens and the share of documents that ended by EOS rather than the length limit."""
+    texts = [d[(d != bos) & (d != eos)] for d in docs]
+    out = {}
+    for n in (1, 2, 3):
+        grams = [tuple(t[i : i + n]) for t in texts for i in range(len(t) - n + 1)]
+        out[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+    out["distinct_tokens"] = float(len(set(np.concatenate(texts).tolist()))) if texts else 0.0
+    out["sample_tokens"] = float(np.mean([len(t) for t in texts])) if texts else 0.0
+    out["sample_eos"] = float(np.mean([d[-1] == eos for d in docs])) if docs else 0.0
+    return out
+
+
+# -- sampling ------------------------------------------------------------------------------------------------
+
+
+def sample_shards(model: LM, size: int, cfg, vocab_size: int, bos: int, eos: int, seed: int, folder: Path, device: str) -> TokenSet:
+    """Exactly `size` tokens of sampled documents, as shards under `folder` (kept across a resume)."""
+    quotas = [min(cfg.shard_tokens, size - i) for i in range(0, size, cfg.shard_tokens)]
+    stems = [folder / f"shard-{k:05d}" for k in range(len(quotas))]
+    plan = dict(size=size, seed=seed, quotas=quotas, config=cfg.model_dump(mode="json"))
+    plan_path = folder / "sample.json"
+    if plan_path.exists() and json.loads(plan_path.read_text()) != plan:
+        for p in folder.glob("shard-*.npy"):  # another sampling's shards: not ours to keep
+            p.unlink()
+    atomic_write_json(plan_path, plan)
+    done = sum(q for q, s in zip(quotas, stems) if shard_exists(s))
+    bar = tqdm(total=size, initial=done, unit="tok", unit_scale=True, desc="sample", disable=None, leave=False)
+    for k, (quota, stem) in enumerate(zip(quotas, stems)):
+        if shard_exists(stem):
+            continue
+        g = _generator(derive_seed(seed, "shard", k), device)
+        docs, have = [], 0
+        while have < quota:
+            for doc in generate_docs(model, cfg.sample_batch, cfg, bos, eos, g, device):
+                doc = doc[: quota - have]  # the last document is cut so the shard holds exactly its quota
+                docs.append(doc)
+                have += len(doc)
+                bar.update(len(doc))
+                if have == quota:
+                    break
+        write_shard(stem, docs, token_dtype(vocab_size))
+    bar.close()
+    return TokenSet.open(stems)
+
+
+def load_shards(folder: Path) -> TokenSet:
+    """The shards `sample_shards` wrote under `folder`."""
+    from modelcollapse.errors import BadInput
+
+    plan_path = folder / "sample.json"
+    if not plan_path.exists():
+        raise BadInput(f"no sampled data in {folder} (sample.json is missing)")
+    stems = [folder / f"shard-{k:05d}" for k in range(len(json.loads(plan_path.read_text())["quotas"]))]
+    missing = [s.name for s in stems if not shard_exists(s)]
+    if missing:
+        raise BadInput(f"sampled data in {folder} is incomplete: {', '.join(missing)} missing")
+    return TokenSet.open(stems)

@@ -1,0 +1,219 @@
+"""Figures and tables from run directories alone (manifest.json + metrics.jsonl + per-generation samples).
+
+For every family and metric: mean over seeds per iteration with a 95% t-interval, one line per policy, one
+panel per run (so a sweep over T draws the paper's Fig. 7), and the closed form dashed where the family has
+one. Sample images and texts that generations saved are laid out policy by generation.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from modelcollapse.errors import BadInput  # noqa: E402
+from modelcollapse.store import read_json, read_metrics  # noqa: E402
+
+
+class Run:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.manifest = read_json(path / "manifest.json")
+            self.rows = read_metrics(path)
+        except ValueError as e:
+            raise BadInput(f"report: {path} has a corrupt manifest or metrics file ({e})") from None
+        cfg = self.manifest["config"]
+        self.name, self.family, self.config = cfg["name"], cfg["family"], cfg
+        self.policies = [p["name"] if "real_fraction" not in p else f"{p['name']}-{p['real_fraction']:g}" for p in cfg["policies"]]
+        self.seeds = cfg["seeds"]
+
+    def table(self, metric: str) -> dict[str, dict[int, list[float]]]:
+        """policy -> iteration -> values over seeds."""
+        out: dict = defaultdict(lambda: defaultdict(list))
+        for r in self.rows:
+            if r["metric"] == metric:
+                out[r["policy"]][r["iteration"]].append(r["value"])
+        return out
+
+    def metrics(self) -> list[str]:
+        return list(dict.fromkeys(r["metric"] for r in self.rows))
+
+
+def find_runs(dirs: list[Path]) -> list[Run]:
+    runs = []
+    for d in map(Path, dirs):
+        if (d / "manifest.json").exists():
+            runs.append(Run(d))
+        elif (d / "sweep.json").exists():
+            runs += [Run(d / c["name"]) for c in read_json(d / "sweep.json")["cells"] if (d / c["name"] / "manifest.json").exists()]
+        elif d.is_dir() and (cells := sorted(p.parent for p in d.glob("*/manifest.json"))):
+            runs += [Run(c) for c in cells]
+        else:
+            raise BadInput(f"report: {d} is not a run directory (no manifest.json in it or its subfolders)")
+    return runs
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval (0 for a single seed)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return float(v.mean()), 0.0
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+
+
+def family_extras(family: str):
+    """A family's PRIMARY_METRIC and theory_curve, when it has them (the report needs only run dirs)."""
+    try:
+        module = importlib.import_module(f"modelcollapse.families.{family}")
+    except ImportError:
+        return None, None, None
+    return getattr(module, "PRIMARY_METRIC", None), getattr(module, "theory_curve", None), module
+
+
+def theory_for(run: Run, policy: str, iterations: int):
+    primary, curve, module = family_extras(run.family)
+    if curve is None:
+        return None
+    return curve(module.Config(**run.config[run.family]), policy, iterations)
+
+
+def plot_metric(runs: list[Run], metric: str, path: Path, with_theory: bool) -> None:
+    ncols = min(3, len(runs))
+    nrows = -(-len(runs) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
+    for ax, run in zip(axes.flat, runs):
+        table = run.table(metric)
+        for i, policy in enumerate(p for p in run.policies if p in table):
+            color = f"C{i}"
+            its = sorted(table[policy])
+            m, h = np.array([mean_ci(table[policy][n]) for n in its]).T
+            ax.plot(its, m, "o-", color=color, ms=3, label=f"{policy} (n={len(table[policy][its[0]])})")
+            ax.fill_between(its, m - h, m + h, color=color, alpha=0.2)
+            theory = theory_for(run, policy, max(its)) if with_theory else None
+            if theory is not None:
+                ax.plot(range(1, len(theory) + 1), theory, "--", color=color, lw=1.2, label=f"{policy} theory")
+        ax.set_title(run.name, fontsize=10)
+        ax.set_xlabel("model-fitting iteration")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(runs):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary_table(run: Run, metric: str, with_theory: bool) -> tuple[list[str], list[list[str]]]:
+    table = run.table(metric)
+    policies = [p for p in run.policies if p in table]
+    its = sorted({n for p in policies for n in table[p]})
+    header = ["iteration"]
+    theories = {}
+    for p in policies:
+        header.append(f"{p}")
+        t = theory_for(run, p, max(its)) if with_theory else None
+        if t is not None:
+            theories[p] = t
+            header.append(f"{p} theory")
+    body = []
+    for n in its:
+        row = [str(n)]
+        for p in policies:
+            vals = table[p].get(n)
+            if vals:
+                m, h = mean_ci(vals)
+                row.append(f"{m:.4g} ± {h:.2g}" if h else f"{m:.4g}")
+            else:
+                row.append("")
+            if p in theories:
+                row.append(f"{theories[p][n - 1]:.4g}")
+        body.append(row)
+    return header, body
+
+
+def markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+
+
+def html_table(header: list[str], body: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def samples_section(run: Run, out: Path, index: int) -> str:
+    """Sample grids (samples.png) and texts (samples.txt) of the first seed, policy by generation."""
+    seed = run.seeds[0]
+    parts = []
+    for policy in run.policies:
+        gens = sorted(run.path.glob(f"{policy}/seed-{seed}/gen-*"), key=lambda p: int(p.name.split("-")[1]))
+        images, texts = [], []
+        for g in gens:
+            if (g / "samples.png").exists():
+                dest = out / "samples" / f"run{index}-{policy}-{g.name}.png"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(g / "samples.png", dest)
+                images.append(f'<figure><img src="samples/{dest.name}" width="220"><figcaption>{g.name}</figcaption></figure>')
+            if (g / "samples.txt").exists():
+                text = (g / "samples.txt").read_text(errors="replace")[:1500]
+                texts.append(f"<details><summary>{g.name}</summary><pre>{html.escape(text)}</pre></details>")
+        if images or texts:
+            parts.append(f"<h4>{html.escape(policy)} (seed {seed})</h4><div class='row'>{''.join(images)}</div>{''.join(texts)}")
+    return "".join(parts)
+
+
+def write_report(dirs: list[Path], out: Path) -> Path:
+    runs = find_runs(dirs)
+    if not any(r.rows for r in runs):
+        raise BadInput("report: the run directories hold no metrics yet")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    by_family: dict[str, list[Run]] = defaultdict(list)
+    for r in runs:
+        by_family[r.family].append(r)
+    md, body = ["# modelcollapse report", ""], []
+    for family, fruns in by_family.items():
+        primary = family_extras(family)[0]
+        metrics = list(dict.fromkeys(m for r in fruns for m in r.metrics()))
+        metrics.sort(key=lambda m: m != primary)
+        body.append(f"<h2>{html.escape(family)}</h2>")
+        md += [f"## {family}", ""]
+        for metric in metrics:
+            with_theory = metric == primary
+            png = f"{family}-{metric}.png"
+            plot_metric([r for r in fruns if metric in r.metrics()], metric, out / png, with_theory)
+            body.append(f"<h3>{html.escape(metric)}</h3><img src='{png}' style='max-width:100%'>")
+            md += [f"### {metric}", "", f"![{metric}]({png})", ""]
+            for r in fruns:
+                if metric not in r.metrics():
+                    continue
+                header, rows = summary_table(r, metric, with_theory)
+                caption = f"{r.name}: {metric}, mean ± 95% CI over {len(r.seeds)} seed(s) ({r.manifest.get('status')})"
+                body.append(f"<p>{html.escape(caption)}</p>{html_table(header, rows)}")
+                md += [f"**{caption}**", "", markdown(header, rows), ""]
+        for r in fruns:
+            section = samples_section(r, out, runs.index(r))
+            if section:
+                body.append(f"<h3>samples: {html.escape(r.name)}</h3>{section}")
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;margin:8px 0}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}.row{display:flex;flex-wrap:wrap}"
+             "figure{margin:4px}pre{white-space:pre-wrap;font-size:12px}")
+    (out / "index.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>modelcollapse report</title><style>{style}</style>"
+        f"</head><body><h1>modelcollapse report</h1><p>{len(runs)} run(s): "
+        f"{html.escape(', '.join(str(r.path) for r in runs))}</p>{''.join(body)}</body></html>\n"
+    )
+    return out
