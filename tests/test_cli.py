@@ -1,0 +1,125 @@
+"""The command line as a user types it: bad input is one line and exit 2; theory, report, reproduce, bench."""
+
+import json
+
+import pytest
+
+from conftest import cli
+
+GOOD = 'name = "g"\nfamily = "linreg"\npolicies = ["replace", "accumulate"]\niterations = 3\nseeds = 4\n[linreg]\nd = 3\nT = 10\n'
+
+BAD = {
+    "unknown top-level key": ('name = "x"\nfamily = "linreg"\npolicies = ["replace"]\niterations = 2\nseeds = 1\ncolour = 3\n', "colour: unknown key"),
+    "unknown family key": (GOOD + "beta = 2\n", "linreg.beta: unknown key"),
+    "wrong type": (GOOD.replace("iterations = 3", 'iterations = "many"'), "iterations"),
+    "iterations below 1": (GOOD.replace("iterations = 3", "iterations = 0"), "iterations"),
+    "negative sigma2": (GOOD + "sigma2 = -1.0\n", "linreg.sigma2"),
+    "T below d + 2": (GOOD.replace("T = 10", "T = 4"), "d + 2"),
+    "unknown family": (GOOD.replace('family = "linreg"', 'family = "gan"'), "unknown family 'gan'"),
+    "unknown policy": (GOOD.replace('"accumulate"]', '"hoard"]'), "policies.1.name"),
+    "mix without fraction": (GOOD.replace('"accumulate"]', '{name = "mix"}]'), "real_fraction"),
+    "seeds zero": (GOOD.replace("seeds = 4", "seeds = 0"), "seeds"),
+    "missing iterations": (GOOD.replace("iterations = 3\n", ""), "iterations: missing"),
+    "malformed toml": ('name = "x\nfamily = linreg', "not valid TOML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_config_is_one_line_exit_2_and_nothing_written(tmp_path, case):
+    text, needle = BAD[case]
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    r = cli("run", cfg, "--out", tmp_path / "out")
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("linreg.T=2", "d + 2"), ("linreg.sigma2=-3", "linreg.sigma2"), ("iterations=0", "iterations"),
+    ("nonsense", "expected KEY=VALUE"), ("linreg.nope=1", "linreg.nope: unknown key"),
+])
+def test_bad_override_is_one_line_exit_2(tmp_path, override, needle):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(GOOD)
+    r = cli("run", cfg, "--out", tmp_path / "out", "--set", override)
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_config_file_and_unknown_option(tmp_path):
+    r = cli("run", tmp_path / "nope.toml", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+    r = cli("run", tmp_path / "nope.toml", "--colour", "red")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_overrides_reach_the_run(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(GOOD)
+    r = cli("run", cfg, "--out", tmp_path / "out", "--set", "linreg.T=20", "--set", 'policies=["replace"]')
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["config"]["linreg"]["T"] == 20 and [p["name"] for p in manifest["config"]["policies"]] == ["replace"]
+
+
+def test_a_different_config_in_an_existing_dir_is_refused(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(GOOD)
+    assert cli("run", cfg, "--out", tmp_path / "out").returncode == 0
+    before = (tmp_path / "out" / "metrics.jsonl").read_bytes()
+    r = cli("run", cfg, "--out", tmp_path / "out", "--set", "linreg.T=30")
+    assert r.returncode == 2 and "different config" in r.stderr
+    assert (tmp_path / "out" / "metrics.jsonl").read_bytes() == before
+
+
+def test_theory_prints_the_closed_form():
+    r = cli("theory", "linreg", "--policy", "replace", "--d", "10", "--T", "111", "--sigma2", "1", "--iterations", "10", "--json")
+    out = json.loads(r.stdout)
+    assert r.returncode == 0 and out["c"] == pytest.approx(0.1) and out["test_error"][-1] == pytest.approx(1.0)
+    r = cli("theory", "linreg", "--policy", "accumulate", "--iterations", "10")
+    assert r.returncode == 0 and "0.154977" in r.stdout and "bound" in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--T", "11"], "d + 2"), (["--policy", "mix"], "no closed form"), (["--iterations", "0"], "iterations"),
+])
+def test_theory_bad_input(args, needle):
+    r = cli("theory", "linreg", "--d", "10", *args)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_report_writes_figures_and_summary(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(GOOD.replace("seeds = 4", "seeds = 30"))
+    assert cli("run", cfg, "--out", tmp_path / "run").returncode == 0
+    r = cli("report", tmp_path / "run", "--out", tmp_path / "rep")
+    assert r.returncode == 0, r.stderr
+    for name in ("index.html", "summary.md", "linreg-test_error.png", "linreg-test_mse_excess.png"):
+        assert (tmp_path / "rep" / name).stat().st_size > 0
+    summary = (tmp_path / "rep" / "summary.md").read_text()
+    assert "replace theory" in summary and "accumulate theory" in summary and "±" in summary
+    r = cli("report", tmp_path / "nowhere", "--out", tmp_path / "rep2")
+    assert r.returncode == 2 and "not a run directory" in r.stderr
+
+
+def test_reproduce_quick_linreg_end_to_end(tmp_path):
+    r = cli("reproduce", "--scale", "quick", "--only", "linreg", "--out", tmp_path / "res")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "res" / "report" / "index.html").exists()
+    sweep = json.loads((tmp_path / "res" / "linreg-fig7" / "sweep.json").read_text())
+    assert [c["name"] for c in sweep["cells"]] == ["T-16", "T-50", "T-111"]
+    assert all(c["status"] == "done" for c in sweep["cells"])
+    r = cli("reproduce", "--scale", "quick", "--only", "gan", "--out", tmp_path / "res2")
+    assert r.returncode == 2 and "no quick preset for gan" in r.stderr
+
+
+def test_bench_linreg_json(tmp_path):
+    r = cli("bench", "linreg", "--json", "--quick")
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert r.returncode == 0 and [x["bench"] for x in rows] == ["linreg-replace", "linreg-accumulate"]
+    for row in rows:
+        assert set(row) >= {"bench", "ours", "baseline", "unit", "ratio", "equal"} and row["equal"] is True
+    r = cli("bench", "gan")
+    assert r.returncode == 2 and "unknown benchmark" in r.stderr

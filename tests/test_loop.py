@@ -1,0 +1,140 @@
+"""The loop and the run directory: determinism, fast path = generic loop, resume after a kill, lock."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import SRC, cli
+from modelcollapse import config as configlib
+from modelcollapse.errors import BadInput
+from modelcollapse.loop import run_experiment
+from modelcollapse.store import RunDir, read_json
+
+POLICIES = ["replace", "accumulate", "replace-grown", "accumulate-subsample",
+            {"name": "mix", "real_fraction": 0.5}, {"name": "fresh", "real_fraction": 0.25}]
+
+
+def make(method="loop", policies=POLICIES, seeds=3, iterations=4, **linreg):
+    raw = {"name": "t", "family": "linreg", "policies": policies, "iterations": iterations, "seeds": seeds,
+           "linreg": {"d": 3, "T": 12, "sigma2": 0.5, "n_test": 50, "method": method, **linreg}}
+    return configlib.from_dict(raw)
+
+
+def lines(path):
+    return (path / "metrics.jsonl").read_text().splitlines()
+
+
+def test_run_directory_follows_the_contract(tmp_path):
+    out = run_experiment(make(), tmp_path / "run", progress=False)
+    manifest = read_json(out / "manifest.json")
+    assert manifest["status"] == "done" and manifest["config_hash"] == make().hash()
+    assert manifest["config"]["linreg"]["T"] == 12 and manifest["started"] and manifest["ended"]
+    rows = [json.loads(x) for x in lines(out)]
+    assert {tuple(sorted(r)) for r in rows} == {("iteration", "metric", "policy", "seed", "value")}
+    labels = ["replace", "accumulate", "replace-grown", "accumulate-subsample", "mix-0.5", "fresh-0.25"]
+    assert len(rows) == len(labels) * 3 * 4 * 2
+    for label in labels:
+        for n in range(1, 5):
+            gen = out / label / "seed-2" / f"gen-{n}"
+            assert (gen / "w_hat.npy").exists() and (gen / "metrics.json").exists()
+            assert (gen / "synthetic_y.npy").exists() == (n < 4)  # the last model need not sample
+    grown = np.load(out / "replace-grown" / "seed-0" / "gen-2" / "synthetic_y.npy")
+    assert len(grown) == 3 * 12  # generation 3 of replace-grown trains on 3·T samples of model 2
+
+
+def test_same_config_gives_bit_identical_metrics(tmp_path):
+    a = run_experiment(make(), tmp_path / "a", progress=False)
+    b = run_experiment(make(), tmp_path / "b", progress=False)
+    assert lines(a) == lines(b)
+
+
+def test_generation_one_is_shared_by_every_policy(tmp_path):
+    out = run_experiment(make(), tmp_path / "run", progress=False)
+    w = [np.load(out / p / "seed-1" / "gen-1" / "w_hat.npy") for p in ("replace", "accumulate", "mix-0.5")]
+    assert np.array_equal(w[0], w[1]) and np.array_equal(w[0], w[2])
+
+
+def test_fast_path_equals_the_generic_loop_on_the_same_draws(tmp_path):
+    policies = ["replace", "accumulate", "replace-grown"]
+    slow = run_experiment(make("loop", policies, seeds=5, iterations=6), tmp_path / "loop", progress=False)
+    fast = run_experiment(make("fast", policies, seeds=5, iterations=6), tmp_path / "fast", progress=False)
+    a, b = [[json.loads(x) for x in lines(p)] for p in (slow, fast)]
+    assert [(r["policy"], r["seed"], r["iteration"], r["metric"]) for r in a] == \
+           [(r["policy"], r["seed"], r["iteration"], r["metric"]) for r in b]
+    assert max(abs(x["value"] - y["value"]) for x, y in zip(a, b)) < 1e-9
+
+
+def test_resume_after_a_failure_ends_with_the_uninterrupted_metrics(tmp_path, monkeypatch):
+    from modelcollapse.families import linreg
+
+    whole = run_experiment(make(), tmp_path / "whole", progress=False)
+    calls, real_fit = [0], linreg.Family.fit
+
+    def flaky_fit(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 30:
+            raise RuntimeError("the machine went away")
+        return real_fit(self, *a, **k)
+
+    monkeypatch.setattr(linreg.Family, "fit", flaky_fit)
+    with pytest.raises(RuntimeError):
+        run_experiment(make(), tmp_path / "cut", progress=False)
+    assert read_json(tmp_path / "cut" / "manifest.json")["status"] == "failed"
+    monkeypatch.setattr(linreg.Family, "fit", real_fit)
+    run_experiment(make(), tmp_path / "cut", progress=False)
+    assert lines(tmp_path / "cut") == lines(whole)
+    manifest = read_json(tmp_path / "cut" / "manifest.json")
+    assert manifest["status"] == "done" and len(manifest["resumed"]) == 1
+
+
+def test_resume_after_kill_9_ends_with_the_uninterrupted_metrics(tmp_path):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text('name = "k"\nfamily = "linreg"\npolicies = ["replace", "accumulate"]\niterations = 5\n'
+                   'seeds = 60\n[linreg]\nd = 3\nT = 12\nmethod = "loop"\n')
+    assert cli("run", cfg, "--out", tmp_path / "whole").returncode == 0
+    env = dict(__import__("os").environ, PYTHONPATH=str(SRC))
+    proc = subprocess.Popen([sys.executable, "-m", "modelcollapse", "run", str(cfg), "--out", str(tmp_path / "cut")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list((tmp_path / "cut").glob("*/seed-*/gen-*/metrics.json"))) < 40 and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list((tmp_path / "cut").glob("*/seed-*/gen-*/metrics.json")))
+    assert 0 < done < 600, "the run should have been killed part-way"
+    assert read_json(tmp_path / "cut" / "manifest.json")["status"] == "running"
+    again = cli("run", cfg, "--out", tmp_path / "cut")
+    assert again.returncode == 0, again.stderr
+    assert lines(tmp_path / "cut") == lines(tmp_path / "whole")
+
+
+def test_finished_run_is_left_as_it_is(tmp_path):
+    out = run_experiment(make(), tmp_path / "run", progress=False)
+    before = (out / "metrics.jsonl").read_bytes()
+    mtime = (out / "replace" / "seed-0" / "gen-1" / "w_hat.npy").stat().st_mtime_ns
+    run_experiment(make(), out, progress=False)
+    assert (out / "metrics.jsonl").read_bytes() == before
+    assert (out / "replace" / "seed-0" / "gen-1" / "w_hat.npy").stat().st_mtime_ns == mtime
+
+
+def test_a_different_config_is_refused_and_nothing_is_touched(tmp_path):
+    out = run_experiment(make(), tmp_path / "run", progress=False)
+    before = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(BadInput, match="different config"):
+        run_experiment(make(sigma2=2.0), out, progress=False)
+    assert (out / "metrics.jsonl").read_bytes() == before
+    assert read_json(out / "manifest.json")["status"] == "done"
+
+
+def test_a_second_process_in_the_same_dir_is_refused(tmp_path):
+    cfg_file = tmp_path / "cfg.toml"
+    cfg_file.write_text('name = "t"\nfamily = "linreg"\npolicies = ["replace"]\niterations = 2\nseeds = 1\n')
+    first = configlib.load(cfg_file)
+    with RunDir(tmp_path / "run", first.resolved(), first.hash()):
+        r = cli("run", cfg_file, "--out", tmp_path / "run")
+    assert r.returncode == 2 and "in use by another" in r.stderr and "Traceback" not in r.stderr
