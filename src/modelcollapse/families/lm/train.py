@@ -78,6 +78,7 @@ def _save_checkpoint(path: Path, model: LM, opt: torch.optim.Optimizer, step: in
         tensors.update({f"opt.{i}.{k}": v.detach().clone().contiguous() for k, v in s.items()})
     tensors["rng.cpu"] = torch.get_rng_state()
     meta = dict(step=step, plan=plan, param_groups=state["param_groups"])
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata={"state": json.dumps(meta)})
     tmp.replace(path)  # one file, renamed: a killed write leaves the previous checkpoint intact
