@@ -6,15 +6,16 @@ run or on whether the run was resumed half-way.
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 
 import numpy as np
 
 
 def derive_seed(seed: int, *keys: str | int) -> int:
-    """A 63-bit seed from a base seed and a path of keys (strings hashed with crc32, stable across runs)."""
-    words = [seed] + [zlib.crc32(k.encode()) if isinstance(k, str) else k for k in keys]
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    """A 63-bit seed from a base seed and a path of keys: a hash, stable across runs and machines (and
+    ten times cheaper than a SeedSequence, which matters when thousands of seeds each draw every generation)."""
+    path = "/".join(map(str, (seed, *keys))).encode()
+    return int.from_bytes(hashlib.blake2b(path, digest_size=8).digest(), "little") >> 1
 
 
 def stream_seed(seed: int, policy: str, generation: int, purpose: str) -> int:

@@ -144,17 +144,15 @@ class RunDir:
 
     def finish(self, unit_dir: Path, rows: list[dict]) -> None:
         """Mark a unit finished (atomically) and append its rows to metrics.jsonl."""
-        atomic_write_json(unit_dir / "metrics.json", rows)
-        self.append(rows)
+        lines = [json.dumps(r) for r in rows]
+        atomic_write_bytes(unit_dir / "metrics.json", ("[" + ",\n".join(lines) + "]\n").encode())
+        self._metrics.write("".join(line + "\n" for line in lines))
+        self._metrics.flush()
 
     def reset_metrics(self, rows: list[dict]) -> None:
         """Rewrite metrics.jsonl with the rows of every finished unit, in the canonical order."""
         atomic_write_bytes(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
         self._metrics = open(self.path / "metrics.jsonl", "a")
-
-    def append(self, rows: list[dict]) -> None:
-        self._metrics.write("".join(json.dumps(r) + "\n" for r in rows))
-        self._metrics.flush()
 
     def log(self, line: str) -> None:
         with open(self.path / "run.log", "a") as f:

@@ -139,7 +139,7 @@ class Family:
         X_test = np.stack([t.X for t in tests])  # (S, m, d)
         y_test = np.stack([t.y for t in tests])  # (S, m)
         w_star = np.stack([t.w_star for t in tests])  # (S, d)
-        residual = np.einsum("smd,snd->snm", X_test, W) - y_test[:, None]  # (S, N, m)
+        residual = W @ X_test.swapaxes(1, 2) - y_test[:, None]  # (S, N, m)
         return W, {
             "test_error": np.sum((W - w_star[:, None]) ** 2, axis=-1),
             "test_mse_excess": np.mean(residual**2, axis=-1) - self.config.sigma2,
