@@ -123,3 +123,28 @@ def test_bench_linreg_json(tmp_path):
         assert set(row) >= {"bench", "ours", "baseline", "unit", "ratio", "equal"} and row["equal"] is True
     r = cli("bench", "gan")
     assert r.returncode == 2 and "unknown benchmark" in r.stderr
+
+
+def test_cuda_asked_for_without_a_gpu_is_bad_input(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('device = "cuda"\n' + GOOD)
+    r = cli("run", cfg, "--out", tmp_path / "out")
+    assert r.returncode == 2 and "no CUDA device" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_sweep_runs_every_cell_and_refuses_an_impossible_one(tmp_path):
+    sweep = tmp_path / "s.toml"
+    sweep.write_text('[base]\nname = "s"\nfamily = "linreg"\npolicies = ["replace"]\niterations = 3\nseeds = 5\n'
+                     '[base.linreg]\nd = 3\n[grid]\n"linreg.T" = [6, 20]\n"linreg.sigma2" = [0.5, 1.0]\n')
+    r = cli("sweep", sweep, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    cells = json.loads((tmp_path / "out" / "sweep.json").read_text())["cells"]
+    assert [c["name"] for c in cells] == ["T-6_sigma2-0.5", "T-6_sigma2-1.0", "T-20_sigma2-0.5", "T-20_sigma2-1.0"]
+    assert json.loads((tmp_path / "out" / "T-20_sigma2-0.5" / "manifest.json").read_text())["config"]["linreg"]["T"] == 20
+    sweep.write_text(sweep.read_text().replace("[6, 20]", "[4, 20]"))
+    r = cli("sweep", sweep, "--out", tmp_path / "out2")
+    assert r.returncode == 2 and "sweep cell T-4_sigma2-0.5" in r.stderr and not (tmp_path / "out2").exists()

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from modelcollapse.errors import BadInput
 
@@ -49,7 +49,12 @@ class ExperimentConfig(BaseModel):
     iterations: int = Field(ge=1, description="model-fitting iterations; 1 = fit on real data only")
     seeds: list[int] = Field(description="an int n means seeds 0..n-1; a list names them")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    family_config: Any = Field(None, exclude=True)
+    _family_config: Any = PrivateAttr(None)
+
+    @property
+    def family_config(self):
+        """The validated `[<family>]` table: an instance of the family module's `Config`."""
+        return self._family_config
 
     @field_validator("policies", mode="before")
     @classmethod
@@ -178,7 +183,7 @@ def from_dict(raw: dict) -> ExperimentConfig:
     except TypeError as e:
         raise BadInput(f"config error: {e}") from None
     try:
-        cfg.family_config = module.Config(**table)
+        cfg._family_config = module.Config(**table)
     except ValidationError as e:
         raise BadInput(_one_line(e, prefix=f"{family}.")) from None
     return cfg
@@ -191,8 +196,11 @@ def load(path: Path, overrides: list[str] = ()) -> ExperimentConfig:
 
 
 def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
+    """"auto" is CUDA when present, else the CPU; asking for CUDA where there is none is bad input."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("config error: device: 'cuda' was asked for but no CUDA device is available")
+    return device

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from modelcollapse import config as configlib
 from modelcollapse.errors import BadInput
-from modelcollapse.sweep import is_sweep, load_sweep, run_sweep
+from modelcollapse.sweep import is_sweep, load_sweep, run_sweep, sweep_base
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -16,14 +16,11 @@ def presets(scale: str, only: list[str] | None) -> list[tuple[Path, str]]:
     found = []
     for path in sorted((CONFIGS / scale).glob("*.toml")):
         raw = configlib.read_toml(path)
-        base = raw.get("base", raw) if is_sweep(raw) else raw
-        if isinstance(base, str):
-            base = configlib.read_toml(path.parent / base)
-        found.append((path, base.get("family")))
+        found.append((path, (sweep_base(path, raw) if is_sweep(raw) else raw).get("family")))
     if only:
         unknown = set(only) - {f for _, f in found}
         if unknown:
-            raise BadInput(f"--only: no {scale} preset for {', '.join(sorted(unknown))}; have {', '.join(sorted({f for _, f in found}))}")
+            raise BadInput(f"--only: no {scale} preset for {', '.join(sorted(unknown))}; have {', '.join(sorted({f for _, f in found if f}))}")
         found = [(p, f) for p, f in found if f in only]
     return found
 

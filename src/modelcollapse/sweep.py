@@ -36,17 +36,24 @@ def _value_name(v) -> str:
     return str(v).replace("/", "_").replace(" ", "")
 
 
+def sweep_base(path: Path, raw: dict) -> dict:
+    """The base config of a sweep: its [base] table, or the config file (or other sweep's base) it names."""
+    base = raw.get("base")
+    if isinstance(base, str):
+        base = configlib.read_toml(Path(path).parent / base)
+        base = base.get("base") if is_sweep(base) else base
+    if not isinstance(base, dict):
+        raise BadInput(f"sweep {path}: 'base' must be a table or the path of a config or sweep file")
+    return base
+
+
 def load_sweep(path: Path, overrides: list[str] = ()) -> tuple[str, list[Cell]]:
     raw = configlib.read_toml(path)
     unknown = set(raw) - {"base", "grid"}
     if unknown:
         raise BadInput(f"sweep {path}: unknown key(s) {sorted(unknown)}; a sweep has only 'base' and 'grid'")
-    base = raw.get("base")
-    if isinstance(base, str):
-        base = configlib.read_toml(Path(path).parent / base)
-    if not isinstance(base, dict):
-        raise BadInput(f"sweep {path}: 'base' must be a table or a config file path")
-    grid = raw["grid"]
+    base = sweep_base(path, raw)
+    grid = raw.get("grid")
     if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
         raise BadInput(f"sweep {path}: 'grid' must map config keys to non-empty lists of values")
     base.setdefault("name", Path(path).stem)
