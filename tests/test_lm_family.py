@@ -19,9 +19,18 @@ from modelcollapse.families.lm.shards import TokenSet, token_dtype, write_shard
 STORIES = [f"Once upon a time, there was a {a} named {n}. {n} liked to {v}.\nThe end of story {i}." for i, (a, n, v) in
            enumerate((a, n, v) for a in ("cat", "dog", "bird", "fox") for n in ("Tom", "Sue", "Max") for v in ("run", "sing", "hop"))]
 TINY = dict(  # a model and data small enough to train in a few seconds on 2 cores
-    max_train_stories=120, test_stories=40, vocab_size=512, model="llama2-tiny", block_size=64, batch_size=16,
-    lr=3e-3, max_sample_len=64, sample_batch=16, eval_samples=20, shard_tokens=1024, checkpoint_every=5,
+    max_train_stories=120, test_stories=40, vocab_size=512, model="llama2-tiny", block_size=64, batch_size=8,
+    lr=5e-3, epochs=2, max_sample_len=64, sample_batch=16, eval_samples=20, shard_tokens=1024, checkpoint_every=5,
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Models this small run faster on one thread than on two, and far faster on a machine shared with other jobs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # -- stories and the split --------------------------------------------------------------------------------
@@ -189,7 +198,7 @@ def test_subsample_and_concat_sizes(tmp_path):
 @pytest.mark.parametrize("bad", [
     dict(temperature=0.0), dict(vocab_size=100), dict(model="gpt5"), dict(block_size=64, max_sample_len=65),
     dict(test_data="x.txt"), dict(top_p=1.5), dict(top_k=9000), dict(data="hf:"), dict(holdout=1.0),
-    dict(eval_samples=5), dict(n_embd=100, n_head=3), dict(unknown_key=1),
+    dict(eval_samples=5), dict(n_embd=100, n_head=3), dict(n_embd=72, n_head=8), dict(unknown_key=1),
 ])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValidationError):
@@ -291,16 +300,17 @@ def test_sample_size_determinism_and_resume(trained, tmp_path, monkeypatch):
 
 def test_fit_is_deterministic_and_resumes_mid_training(trained, tmp_path, monkeypatch):
     fam, model, train, _, _ = trained
-    small = train.subsample(8000, seed=0)  # 8 steps of 16 x 64 tokens
+    small = train.subsample(8000, seed=0)  # 2 epochs of 16 steps of 8 x 64 tokens
     ref = fam.fit(small, seed=3, workdir=tmp_path / "ref")
     real_lr = loops.lr_at
 
-    def killed_at_7(step, total, cfg):
-        if step == 7:
-            raise KeyboardInterrupt  # the run is killed after the checkpoint of step 5
+    def killed_at_22(step, total, cfg):
+        if step == 22:
+            raise KeyboardInterrupt  # the run is killed in its second epoch, after the checkpoint of step 20
         return real_lr(step, total, cfg)
 
-    monkeypatch.setattr(loops, "lr_at", killed_at_7)
+    assert small.n_batches(64, 8) == 16
+    monkeypatch.setattr(loops, "lr_at", killed_at_22)
     with pytest.raises(KeyboardInterrupt):
         fam.fit(small, seed=3, workdir=tmp_path / "run")
     assert (tmp_path / "run" / loops.CHECKPOINT).exists()
@@ -317,3 +327,25 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
     lrs = [loops.lr_at(s, 100, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(1e-4, rel=0.01)
+
+
+def test_quick_lm_run_through_the_loop(tmp_path, monkeypatch):
+    from modelcollapse import config as configlib
+    from modelcollapse.loop import run_experiment
+    from modelcollapse.store import read_metrics
+
+    monkeypatch.setenv("MODELCOLLAPSE_CACHE", str(tmp_path / "cache"))
+    raw = dict(name="lm-loop", family="lm", policies=["replace", "accumulate"], iterations=2, seeds=1, device="cpu",
+               lm=dict(TINY, max_train_stories=40, test_stories=10))
+    out = run_experiment(configlib.from_dict(raw), tmp_path / "run", progress=False)
+    rows = read_metrics(out)
+    ce = {(r["policy"], r["iteration"]): r["value"] for r in rows if r["metric"] == "test_ce"}
+    assert set(ce) == {(p, n) for p in ("replace", "accumulate") for n in (1, 2)}
+    assert ce[("replace", 1)] == ce[("accumulate", 1)]  # generation 1 is one fit, shared by both policies
+    real_tokens = Family(configlib.from_dict(raw).family_config, device="cpu", cache_dir=tmp_path / "cache").real_data("train", 0).n_tokens
+    for policy in ("replace", "accumulate"):
+        gen1 = out / policy / "seed-0" / "gen-1"
+        assert (gen1 / "model.safetensors").exists() and (gen1 / "samples.txt").exists()
+        assert TokenSet.open(sorted({p.with_name(p.name.split(".")[0]) for p in (gen1 / "sample").glob("shard-*.npy")})).n_tokens == real_tokens
+    rerun = run_experiment(configlib.from_dict(raw), tmp_path / "run", progress=False)  # finished: nothing redone
+    assert read_metrics(rerun) == rows

@@ -21,11 +21,11 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from modelcollapse.errors import BadInput
 from modelcollapse.families import DataUnavailable
 from modelcollapse.families.lm import data as text
 from modelcollapse.families.lm import train as loops
@@ -99,10 +99,15 @@ class Config(BaseModel):
             raise ValueError(f"max_sample_len ({self.max_sample_len}) cannot exceed block_size ({self.block_size})")
         if self.top_k is not None and self.top_k > self.vocab_size:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed vocab_size ({self.vocab_size})")
-        width = self.n_embd if self.n_embd is not None else None
-        if width is not None and self.n_head is not None and width % self.n_head:
-            raise ValueError(f"n_embd ({width}) must be a multiple of n_head ({self.n_head})")
+        from modelcollapse.families.lm.model import lm_config
+
+        lm_config(self.model, self.vocab_size, self.block_size, **self.shape_overrides())  # ValueError on a bad shape
         return self
+
+    def shape_overrides(self) -> dict:
+        """The model fields set here, to apply over the preset's shape."""
+        fields = ("n_layer", "n_head", "n_embd", "ffn_hidden")
+        return {k: getattr(self, k) for k in fields if getattr(self, k) is not None} | {"dropout": self.dropout}
 
 
 class Family:
@@ -121,7 +126,7 @@ class Family:
         test = test[: c.test_stories]
         train = text.dedup(train, test)
         if not train or not test:
-            raise text.BadInput(f"data {c.data!r} gave {len(train)} training and {len(test)} test stories; both must be non-empty")
+            raise BadInput(f"data {c.data!r} gave {len(train)} training and {len(test)} test stories; both must be non-empty")
         self._stories = train
         first = self._draw_stories(0)
         self.tokenizer_, self.tokenizer_path_ = text.train_tokenizer(first[: c.tokenizer_stories], c.vocab_size, self.cache_dir)
@@ -229,7 +234,7 @@ class Family:
         try:
             shape = LMConfig(**json.loads((workdir / "model.json").read_text())["config"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise text.BadInput(f"cannot read the model config {workdir / 'model.json'}: {e}") from None
+            raise BadInput(f"cannot read the model config {workdir / 'model.json'}: {e}") from None
         model = LM(shape)
         load_model(model, str(workdir / "model.safetensors"))
         return model.to(self.device).eval()

@@ -56,8 +56,7 @@ def lr_at(step: int, total: int, cfg) -> float:
 
 def build(cfg, vocab_size: int, seed: int, device: str) -> LM:
     """A freshly initialised model of the configured shape, its init drawn from `seed`."""
-    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "ffn_hidden") if getattr(cfg, k) is not None}
-    shape = lm_config(cfg.model, vocab_size=vocab_size, block_size=cfg.block_size, dropout=cfg.dropout, **overrides)
+    shape = lm_config(cfg.model, vocab_size=vocab_size, block_size=cfg.block_size, **cfg.shape_overrides())
     with _seeded_rng(device):
         torch.manual_seed(seed)
         return LM(shape).to(device)
