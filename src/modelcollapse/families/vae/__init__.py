@@ -194,6 +194,8 @@ class Family:
         if hasattr(model, "train_nelbo_"):  # a model loaded from disk has the number in its JSON
             out["train_nelbo"] = float(model.train_nelbo_)
         n = min(c.eval_samples, len(test))  # as many real as sampled images, so k-NN balls are comparable
+        if n <= c.pr_k:
+            raise BadInput(f"vae: the test split has {len(test)} images; precision/recall need more than pr_k = {c.pr_k}")
         real = test[np.sort(rng(0).choice(len(test), size=n, replace=False))]
         fake = self.generate(model, n, seed)
         metrics.save_grid(fake[:64], Path(workdir) / "samples.png")

@@ -281,5 +281,6 @@ def load_celeba_images(folder: Path, files: list[str], size: int, crop: int, cac
                 x[i] = np.asarray(im.resize((size, size), Image.BICUBIC, box=box)).transpose(2, 0, 1)
         except (OSError, UnidentifiedImageError) as e:
             raise BadInput(f"cannot read CelebA image {image_dir / f}: {e}") from None
+    cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_npy(cache, x)
     return x
