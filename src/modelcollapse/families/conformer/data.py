@@ -98,9 +98,11 @@ class MolGraph:
     def from_mol(cls, mol: Chem.Mol, name: str) -> MolGraph:
         mol = Chem.Mol(mol)
         mol.RemoveAllConformers()
-        block = Chem.MolToMolBlock(mol)
+        smiles = Chem.MolToSmiles(mol)
+        # the canonical rank of atom 0, 1, ...: the same graph listed in another order gets another key
+        order = ",".join(map(str, Chem.CanonicalRankAtoms(mol)))
         pairs, types = pair_types(mol)
-        return cls(mol, name, Chem.MolToSmiles(mol), hashlib.sha1(block.encode()).hexdigest(), atom_features(mol),
+        return cls(mol, name, smiles, hashlib.sha1(f"{smiles} {order}".encode()).hexdigest(), atom_features(mol),
                    pairs, types)
 
     @property
@@ -312,9 +314,9 @@ def _embedded(path: Path, kind: str, min_atoms: int, max_atoms: int, max_molecul
 
 def _geom(folder: Path, min_atoms: int, max_atoms: int, max_molecules: int,
           confs_per_mol: int) -> list[tuple[MolGraph, np.ndarray]]:
-    """The `confs_per_mol` conformers of highest Boltzmann weight per GEOM molecule; conformers whose heavy-atom
-    graph or atom order differs from the molecule's first (GEOM has a few that reacted during CREST) are
-    dropped."""
+    """The `confs_per_mol` conformers of highest Boltzmann weight per GEOM molecule, among those whose
+    heavy-atom graph is the molecule's (GEOM has a few that reacted during CREST: those are dropped) and whose
+    atom order is that of the first one kept."""
     summary_path = folder / "summary_drugs.json"
     try:
         summary = json.loads(summary_path.read_text())
@@ -324,32 +326,47 @@ def _geom(folder: Path, min_atoms: int, max_atoms: int, max_molecules: int,
         raise BadInput(f"{summary_path}: expected a JSON object of SMILES -> summary")
     entries = sorted((split_hash(s), s, v) for s, v in summary.items() if isinstance(v, dict) and "pickle_path" in v)
     out, bad, mismatched, out_of_range = [], 0, 0, 0
+    RDLogger.DisableLog("rdApp.*")
     with tqdm(total=min(max_molecules, len(entries)), desc="GEOM molecules", unit="mol", disable=None) as bar:
         for _, smiles, entry in entries:
             if len(out) == max_molecules:
                 break
+            target = Chem.MolFromSmiles(smiles)
             try:
                 with open(folder / entry["pickle_path"], "rb") as f:
                     confs = pickle.load(f)["conformers"]
-                confs = sorted(confs, key=lambda c: -c.get("boltzmannweight", 0.0))[:confs_per_mol]
-                mols = [heavy_graph(c["rd_mol"]) for c in confs]
+                confs = sorted(confs, key=lambda c: -c.get("boltzmannweight", 0.0))
             except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError):
                 bad += 1
                 continue
-            if not mols or mols[0] is None:
+            if target is None:
                 bad += 1
                 continue
-            graph = MolGraph.from_mol(mols[0], smiles)
+            target = Chem.MolToSmiles(target, isomericSmiles=False)
+            graph, pos = None, []
+            for conf in confs:
+                mol = heavy_graph(conf["rd_mol"]) if isinstance(conf, dict) and "rd_mol" in conf else None
+                if mol is None or Chem.MolToSmiles(mol, isomericSmiles=False) != target:
+                    mismatched += 1
+                    continue
+                graph = graph or MolGraph.from_mol(mol, smiles)
+                if MolGraph.from_mol(mol, smiles).key != graph.key:
+                    mismatched += 1
+                    continue
+                pos.append(mol.GetConformer().GetPositions())
+                if len(pos) == confs_per_mol:
+                    break
+            if graph is None:
+                continue
             if not min_atoms <= graph.n_atoms <= max_atoms:
                 out_of_range += 1
                 continue
-            same = [m for m in mols if m is not None and MolGraph.from_mol(m, smiles).key == graph.key]
-            mismatched += len(mols) - len(same)
-            out.append((graph, np.stack([m.GetConformer().GetPositions() for m in same]).astype(np.float32)))
+            out.append((graph, np.stack(pos).astype(np.float32)))
             bar.update(1)
+    RDLogger.EnableLog("rdApp.*")
     if bad or mismatched:
-        log.warning("%s: skipped %d unreadable molecule(s) and %d conformer(s) whose graph changed", folder, bad,
-                    mismatched)
+        log.warning("%s: skipped %d unreadable molecule(s) and %d conformer(s) whose graph or atom order differs",
+                    folder, bad, mismatched)
     if not out:
         raise BadInput(f"GEOM folder {folder}: no usable molecule ({len(entries)} listed, {bad} unreadable, "
                        f"{out_of_range} outside {min_atoms}-{max_atoms} heavy atoms)")

@@ -2,7 +2,8 @@
 
 - RMSD: heavy atoms, after the optimal rotation and translation (Kabsch), minimised over the graph's
   symmetries (the atom permutations that map the graph onto itself, RDKit self-matches, at most
-  MAX_SYMMETRIES): what rdMolAlign.GetBestRMS computes, vectorised over every pair at once.
+  MAX_SYMMETRIES): what rdMolAlign.GetBestRMS computes, vectorised over every pair at once. The symmetries
+  ignore bond orders; RDKit's only make conjugated terminal groups equivalent (the same for nearly all drugs).
 - COV-R: the fraction of reference conformers with a generated one within `threshold` (GeoDiff's δ = 1.25 Å
   on GEOM-Drugs); MAT-R: the mean over reference conformers of the RMSD to the closest generated one. COV-P and
   MAT-P swap the roles (precision). Each is computed per molecule, then averaged over molecules (GeoDiff
@@ -28,8 +29,17 @@ MAX_SYMMETRIES = 1000  # GetBestRMS enumerates up to 1e6; heavy-atom drug graphs
 
 
 def symmetries(mol: Chem.Mol) -> np.ndarray:
-    """(K, N): row k maps atom i to atom perm[k, i] with the same graph around it (identity included)."""
-    matches = mol.GetSubstructMatches(mol, uniquify=False, useChirality=False, maxMatches=MAX_SYMMETRIES)
+    """(K, N): row k maps atom i to atom perm[k, i] with the same elements and connections around it (identity
+    included). Bond orders are ignored, so the two oxygens of a carboxylic acid or a nitro group count as
+    equivalent, as they do in RDKit's GetBestRMS (symmetrizeConjugatedTerminalGroups, its default)."""
+    bare = Chem.RWMol(mol)
+    for b in bare.GetBonds():
+        b.SetBondType(Chem.BondType.SINGLE)
+        b.SetIsAromatic(False)
+    for a in bare.GetAtoms():
+        a.SetIsAromatic(False)
+    bare.UpdatePropertyCache(strict=False)
+    matches = bare.GetSubstructMatches(bare, uniquify=False, useChirality=False, maxMatches=MAX_SYMMETRIES)
     return np.array(matches or [tuple(range(mol.GetNumAtoms()))], dtype=np.int64)
 
 
@@ -66,7 +76,7 @@ def bonds_recovered(mol: Chem.Mol, pos: np.ndarray) -> bool:
     conf = Chem.Conformer(mol.GetNumAtoms())
     for k, p in enumerate(pos.astype(np.float64)):
         conf.SetAtomPosition(k, p.tolist())
-    conf.Set3DConformer(True)
+    conf.Set3D(True)
     bare.AddConformer(conf)
     rdDetermineBonds.DetermineConnectivity(bare)
     return _edges(bare) == _edges(mol)

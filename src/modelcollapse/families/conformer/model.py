@@ -6,8 +6,7 @@ References:
 2) EGNN, the message passing: Satorras et al. 2021, https://arxiv.org/abs/2102.09844
 3) EDM, EGNN as a noise predictor with zero-centre-of-mass noise: Hoogeboom et al. 2022,
    https://arxiv.org/abs/2203.17003
-4) DDPM: Ho et al. 2020, https://arxiv.org/abs/2006.11239; cosine schedule: Nichol & Dhariwal 2021,
-   https://arxiv.org/abs/2102.09672
+4) DDPM: Ho et al. 2020, https://arxiv.org/abs/2006.11239
 
 What follows GeoDiff: the graph is given and only coordinates diffuse; the denoiser sees the bonded graph
 extended to 2- and 3-hop neighbours (bond angles, torsions) plus radius edges between atoms close in space;
@@ -15,8 +14,8 @@ it is built from distances and coordinate differences only, so rotating or trans
 predicted noise with it (and translation is removed by centring); training is ε-prediction, sampling ancestral.
 Where it differs: GeoDiff predicts noise on pairwise distances and maps it to coordinates by the chain rule,
 with sigmoid betas over 5000 steps and one network per edge set; here an EGNN predicts coordinate noise
-directly (EDM-style), in the zero-centre-of-mass subspace, with a cosine (or linear) schedule, and sampling may
-skip steps (a respaced DDPM chain). Heavy atoms only. Like GeoDiff the denoiser is reflection-equivariant
+directly (EDM-style), in the zero-centre-of-mass subspace, with DDPM's linear schedule by default (GeoDiff's
+sigmoid one, rescaled to the chain's length, on request), and sampling may skip steps (a respaced DDPM chain). Heavy atoms only. Like GeoDiff the denoiser is reflection-equivariant
 too, so it cannot tell enantiomers apart; chirality is not controlled.
 """
 
@@ -44,7 +43,7 @@ class NetConfig:
     radius: float = 6.0  # Å: atoms this close in the noisy input talk even without a graph relation
     n_rbf: int = 16  # Gaussian basis functions that expand each distance
     diffusion_steps: int = 1000  # T, the training chain's length
-    schedule: str = "cosine"  # "cosine" or "linear" betas
+    schedule: str = "linear"  # betas: "linear" (DDPM) or "sigmoid" (GeoDiff)
 
 
 @dataclass
@@ -76,13 +75,15 @@ def center(x: torch.Tensor, mol: torch.Tensor, n_mols: int) -> torch.Tensor:
 
 
 def make_betas(schedule: str, T: int) -> torch.Tensor:
+    """(T,) float64 betas. Both schedules keep ᾱ from collapsing to ~0 within the last few steps (as the cosine
+    schedule with its 0.999 clip does), which a respaced chain would amplify: its first jump multiplies the
+    error of ε̂ by sqrt(ᾱ_next / ᾱ_T)."""
+    scale = 1000 / T  # both are given for a chain length; rescaled so that other T end at about the same ᾱ_T
     if schedule == "linear":
-        # DDPM's 1e-4 -> 0.02 over 1000 steps, rescaled so that other T reach about the same final noise
-        return torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
-    # cosine: ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2), betas clipped at 0.999 as in Nichol & Dhariwal
-    s = 0.008
-    abar = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
-    return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
+        # DDPM's: 1e-4 -> 0.02 over 1000 steps, ᾱ_T ≈ 4e-5
+        return torch.linspace(1e-4 * scale, 0.02 * scale, T, dtype=torch.float64)
+    # "sigmoid", GeoDiff's: sigmoid(-6 .. 6) mapped onto 1e-7 -> 2e-3 over 5000 steps, ᾱ_T ≈ 7e-3
+    return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (2e-3 - 1e-7) * 5 * scale + 1e-7 * 5 * scale
 
 
 class AtomEncoder(nn.Module):
@@ -98,27 +99,29 @@ class AtomEncoder(nn.Module):
 
 class EGNNLayer(nn.Module):
     """h_i += φ_h(h_i, mean_j m_ij); x_i += mean_j (x_i − x_j)/(d_ij + 1) · φ_x(m_ij),
-    m_ij = φ_e(h_i, h_j, edge_ij, rbf(d_ij)). Distances are invariant, differences rotate: the update of x is
+    m_ij = φ_e(h_i, h_j, type_ij, rbf_ij). Distances are invariant, differences rotate: the update of x is
     equivariant, that of h invariant. The (d + 1) normalisation is EDM's, for stable coordinate updates."""
 
     def __init__(self, config: NetConfig):
         super().__init__()
         H = config.hidden
         self.ln = nn.LayerNorm(H)
-        self.edge_mlp = nn.Sequential(nn.Linear(3 * H + config.n_rbf, H), nn.SiLU(), nn.Linear(H, H), nn.SiLU())
-        self.coord_mlp = nn.Sequential(nn.Linear(H, H), nn.SiLU(), nn.Linear(H, 1))
+        # φ_e's first linear layer, split by input: the h_i and h_j parts run once per atom, not once per edge
+        # (the same function as one Linear on the concatenation, a fraction of the flops)
+        self.msg_i = nn.Linear(H, H)
+        self.msg_j = nn.Linear(H, H, bias=False)
+        self.msg_type = nn.Embedding(N_PAIR_TYPES, H)
+        self.msg_rbf = nn.Linear(config.n_rbf, H, bias=False)
+        self.msg_out = nn.Sequential(nn.SiLU(), nn.Linear(H, H), nn.SiLU())
+        self.coord_out = nn.Linear(H, 1)  # φ_x: one linear layer, as m is already an MLP's output
         self.node_mlp = nn.Sequential(nn.Linear(2 * H, H), nn.SiLU(), nn.Linear(H, H))
-        self.register_buffer("rbf_mu", torch.linspace(0.0, 2 * config.radius, config.n_rbf), persistent=False)
-        self.rbf_gamma = (config.n_rbf / (2 * config.radius)) ** 2
 
-    def forward(self, h, x, i, j, e):
-        # i receives a message from j along every edge; e: (E, H) edge-type embedding
-        diff = x[i] - x[j]  # (E, 3)
-        d = diff.norm(dim=-1, keepdim=True)  # (E, 1)
-        rbf = torch.exp(-self.rbf_gamma * (d - self.rbf_mu) ** 2)  # (E, n_rbf)
+    def forward(self, h, x, i, j, pair_type, rbf):
+        # along every edge, atom i receives a message from atom j
         hn = self.ln(h)
-        m = self.edge_mlp(torch.cat([hn[i], hn[j], e, rbf], dim=-1))  # (E, H)
-        shift = diff / (d + 1) * self.coord_mlp(m).float()  # (E, 3), float32 even under bf16 autocast
+        m = self.msg_out(self.msg_i(hn)[i] + self.msg_j(hn)[j] + self.msg_type(pair_type) + self.msg_rbf(rbf))  # (E, H)
+        diff = x[i] - x[j]  # (E, 3)
+        shift = diff / (diff.norm(dim=-1, keepdim=True) + 1) * self.coord_out(m).float()  # (E, 3), fp32 under autocast
         x = x + segment_mean(shift, i, len(x))
         h = h + self.node_mlp(torch.cat([hn, segment_mean(m.float(), i, len(h))], dim=-1))
         return h, x
@@ -130,9 +133,11 @@ class ConformerDiffusion(nn.Module):
         self.config = config
         H = config.hidden
         self.atom_encoder = AtomEncoder(H)
-        self.pair_emb = nn.Embedding(N_PAIR_TYPES, H)
         self.time_mlp = nn.Sequential(nn.Linear(H, H), nn.SiLU(), nn.Linear(H, H))
         self.layers = nn.ModuleList(EGNNLayer(config) for _ in range(config.layers))
+        # n_rbf Gaussians spread over 0 .. 2·radius: bonded and 2-, 3-hop pairs may lie beyond the radius
+        self.register_buffer("rbf_mu", torch.linspace(0.0, 2 * config.radius, config.n_rbf), persistent=False)
+        self.rbf_gamma = (config.n_rbf / (2 * config.radius)) ** 2
         betas = make_betas(config.schedule, config.diffusion_steps)
         # derived from the config, so not saved with the weights
         self.register_buffer("abar", torch.cumprod(1 - betas, 0).float(), persistent=False)  # (T,) ᾱ_t
@@ -143,7 +148,8 @@ class ConformerDiffusion(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight, generator=generator)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=1.0, generator=generator)
             elif isinstance(m, nn.LayerNorm):
@@ -151,7 +157,7 @@ class ConformerDiffusion(nn.Module):
                 nn.init.zeros_(m.bias)
         for layer in self.layers:
             # near-zero coordinate updates at the start, as EDM does, so early training is stable
-            nn.init.xavier_uniform_(layer.coord_mlp[-1].weight, gain=0.001, generator=generator)
+            nn.init.xavier_uniform_(layer.coord_out.weight, gain=0.001, generator=generator)
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         # sinusoidal features of t/T, as in DDPM's transformer-style position encoding
@@ -166,11 +172,14 @@ class ConformerDiffusion(nn.Module):
         dist = (x_t[i] - x_t[j]).norm(dim=-1)  # (P,)
         # graph relations always pass messages; other pairs only within the radius (GeoDiff's global edges)
         keep = (batch.pair_type > 0) | (dist < self.config.radius)
-        i, j, e = i[keep], j[keep], self.pair_emb(batch.pair_type[keep])  # (E,), (E,), (E, H)
+        i, j, pair_type, dist = i[keep], j[keep], batch.pair_type[keep], dist[keep]  # (E,) each
+        # edge features from the input's distances, once (SchNet's Gaussian basis); unlike EGNN, later layers
+        # do not recompute them from their updated coordinates, which costs an exp per edge and layer
+        rbf = torch.exp(-self.rbf_gamma * (dist[:, None] - self.rbf_mu) ** 2)  # (E, n_rbf)
         h = self.atom_encoder(batch.atoms) + self.time_embedding(t)[batch.mol]  # (N, H)
         x = x_t
         for layer in self.layers:
-            h, x = layer(h, x, i, j, e)
+            h, x = layer(h, x, i, j, pair_type, rbf)
         return center(x - x_t, batch.mol, batch.n_mols)  # (N, 3)
 
     def noise_like(self, batch: Batch, generator: torch.Generator | None) -> torch.Tensor:
