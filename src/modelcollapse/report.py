@@ -93,15 +93,21 @@ def plot_metric(runs: list[Run], metric: str, path: Path, with_theory: bool) -> 
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
     for ax, run in zip(axes.flat, runs):
         table = run.table(metric)
+        lows, highs = [], []
         for i, policy in enumerate(p for p in run.policies if p in table):
             color = f"C{i}"
             its = sorted(table[policy])
             m, h = np.array([mean_ci(table[policy][n]) for n in its]).T
-            ax.plot(its, m, "o-", color=color, ms=3, label=f"{policy} (n={len(table[policy][its[0]])})")
+            lows.append(m.min())
+            highs.append(m.max())
+            style = "o-" if len(its) <= 30 else "-"
+            ax.plot(its, m, style, color=color, ms=3, label=f"{policy} (n={len(table[policy][its[0]])})")
             ax.fill_between(its, m - h, m + h, color=color, alpha=0.2)
             theory = theory_for(run, policy, max(its)) if with_theory else None
             if theory is not None:
                 ax.plot(range(1, len(theory) + 1), theory, "--", color=color, lw=1.2, label=f"{policy} theory")
+        if lows and min(lows) > 0 and max(highs) / min(lows) > 30:
+            ax.set_yscale("log")  # replace's linear growth would flatten accumulate's curve into the axis
         ax.set_title(run.name, fontsize=10)
         ax.set_xlabel("model-fitting iteration")
         ax.set_ylabel(metric)
