@@ -11,12 +11,23 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from modelcollapse import config as configlib
 from modelcollapse.errors import BadInput
 from modelcollapse.families import DataUnavailable
 from modelcollapse.families.vae import VAE, Config, Family, metrics
-from modelcollapse.families.vae.data import Images
+from modelcollapse.loop import run_experiment
+from modelcollapse.store import read_metrics
 
 TINY = dict(dataset="digits", channels=[16, 32], latent_dim=8, epochs=20, batch_size=64, lr=3e-3, classifier_steps=300)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # two cores shared with other jobs: one intra-op thread is several times faster than two fighting
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -314,3 +325,22 @@ def test_celeba_attributes_are_judged_as_multilabel(tmp_path):
     assert 0.0 <= out["class_entropy"] <= math.log(2)  # mean binary entropy over attributes
     assert out["test_bpd"] == pytest.approx(out["test_nelbo"] / (3 * 16 * 16 * math.log(2)) + 8)
     assert (tmp_path / "samples.png").is_file()
+
+
+# -- through the loop -------------------------------------------------------------------------------------
+
+
+def test_tiny_run_through_the_loop(tmp_path):
+    raw = {"name": "vae-tiny", "family": "vae", "policies": ["replace", "accumulate"], "iterations": 2, "seeds": 1,
+           "device": "cpu", "vae": {**TINY, "n_train": 200, "n_test": 100, "epochs": 3, "eval_samples": 100,
+                                    "classifier_steps": 30}}  # fmt: skip
+    out = run_experiment(configlib.from_dict(raw), tmp_path / "run", progress=False)
+    rows = read_metrics(out)
+    assert {(r["policy"], r["iteration"]) for r in rows if r["metric"] == "test_nelbo"} == {
+        ("replace", 1), ("replace", 2), ("accumulate", 1), ("accumulate", 2)}
+    gen1 = out / "replace" / "seed-0" / "gen-1"
+    assert (gen1 / "samples.png").is_file() and (gen1 / "model.safetensors").is_file()
+    assert np.load(gen1 / "samples.npy").shape == (200, 1, 8, 8)  # generation 2's training set
+    value = {(r["policy"], r["iteration"], r["metric"]): r["value"] for r in rows}
+    assert value["replace", 1, "test_nelbo"] == value["accumulate", 1, "test_nelbo"]  # generation 1 is shared
+    assert value["replace", 2, "test_nelbo"] != value["accumulate", 2, "test_nelbo"]
