@@ -1,0 +1,167 @@
+"""The LM model against Hugging Face transformers' LlamaForCausalLM of the same shape, on the same weights and
+inputs, in one process, interleaved (ours, theirs, ours, ...); `ratio` is the median of paired throughput
+ratios, so a shared CPU slows both sides of a pair alike.
+
+- lm_train: training tokens/s, the same loop on both sides (forward with loss, backward, gradient clipping
+  to 1.0, fused AdamW with nanoGPT's decay groups). `equal`: the two losses on the same weights and batch.
+- lm_sample: sampling tokens/s from BOS, temperature 1.0, full vocabulary, no EOS (every row runs the whole
+  length), ours `LM.generate` vs `generate(do_sample=True, top_k=0)`. `equal`: greedy outputs identical.
+
+Both also report model FLOP/s as a fraction of this machine's float32 matmul peak, measured here
+(`mfu_ours`, `mfu_baseline`). FLOPs per token follow nanoGPT's estimate: 6N + 12·L·d·T to train, 2N + 4·L·d·t
+to sample at context t, where N counts the weights that multiply (every matrix but the embedding lookup).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from modelcollapse.bench import median_ratio, paired_times
+from modelcollapse.families.lm.export import to_hf
+from modelcollapse.families.lm.model import LM, LMConfig
+
+# The two shapes of the issue: the CPU preset (llama2-cpu), and a larger one (ffn = 8/3·d rounded to 16).
+SHAPES = [
+    dict(vocab_size=4096, n_embd=128, n_layer=4, n_head=4, ffn_hidden=512, block_size=256),
+    dict(vocab_size=8192, n_embd=256, n_layer=6, n_head=8, ffn_hidden=688, block_size=512),
+]
+
+
+def matmul_peak(n: int = 2048, seconds: float = 2.0) -> float:
+    """float32 FLOP/s of a large square torch.matmul on this machine, the best of a few timed runs."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def matmul_params(c: LMConfig) -> int:
+    """Weights used in matmuls per token: the blocks and the output head (not the embedding lookups)."""
+    per_layer = 4 * c.n_embd**2 + (2 if c.arch == "gpt2" else 3) * c.n_embd * c.ffn_hidden
+    return c.n_layer * per_layer + c.vocab_size * c.n_embd
+
+
+def pair(c: LMConfig, seed: int = 0):
+    """Our model and the transformers model with the same weights."""
+    torch.manual_seed(seed)
+    ours = LM(c)
+    return ours, to_hf(ours)
+
+
+def shape_name(c: LMConfig) -> str:
+    return f"llama2 V{c.vocab_size} d{c.n_embd} L{c.n_layer} H{c.n_head} ffn{c.ffn_hidden} T{c.block_size}"
+
+
+def _optimizer(model):
+    """Our optimizer setup (fused AdamW, decay on matrices only), for either model."""
+    return LM.configure_optimizers(model, weight_decay=0.1, learning_rate=3e-4, betas=(0.9, 0.95))
+
+
+def lm_train(repeats: int = 7, quick: bool = False, compile: bool = True, tokens_per_step: int = 4096,
+             steps_per_call: int = 2) -> list[dict]:
+    """Training tokens/s, ours vs LlamaForCausalLM, for each shape; `compile`: torch.compile our model
+    (the family's `compile` flag does the same in training)."""
+    shapes = SHAPES[:1] if quick else SHAPES
+    if quick:
+        repeats, steps_per_call, compile, tokens_per_step = 1, 1, False, 512
+    peak = matmul_peak(seconds=0.2 if quick else 2.0)
+    rows = []
+    for s in shapes:
+        c = LMConfig(arch="llama2", **s)
+        T, B = c.block_size, max(1, tokens_per_step // c.block_size)
+        ours, hf = pair(c)
+        g = torch.Generator().manual_seed(1)
+        tok = torch.randint(0, c.vocab_size, (B, T + 1), generator=g)
+        x, y = tok[:, :T], tok[:, 1:]
+        # equal: the same loss on the same weights (HF shifts labels inside, dropping the last target)
+        y_hf = y.clone()
+        y_hf[:, -1] = -1
+        with torch.no_grad():
+            loss_ours, loss_hf = float(ours(x, y_hf)[1]), float(hf(input_ids=x, labels=x).loss)
+        ours.train(), hf.train()
+        opt_ours, opt_hf = _optimizer(ours), _optimizer(hf)
+        f_ours = torch.compile(ours) if compile else ours
+
+        def step_ours():
+            for _ in range(steps_per_call):
+                _, loss = f_ours(x, y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
+                opt_ours.step()
+                opt_ours.zero_grad(set_to_none=True)
+
+        def step_hf():
+            for _ in range(steps_per_call):
+                loss = hf(input_ids=x, labels=x).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+                opt_hf.step()
+                opt_hf.zero_grad(set_to_none=True)
+
+        step_ours()  # an extra warm-up: compilation happens here
+        t_ours, t_base = paired_times(step_ours, step_hf, repeats)
+        n_tok = B * T * steps_per_call
+        flops = 6 * matmul_params(c) + 12 * c.n_layer * c.n_embd * T
+        tps_ours, tps_base = n_tok / float(np.median(t_ours)), n_tok / float(np.median(t_base))
+        rows.append({
+            "bench": "lm-train", "ours": tps_ours, "baseline": tps_base, "unit": "tokens/s",
+            "ratio": median_ratio(t_ours, t_base), "equal": abs(loss_ours - loss_hf) <= 1e-4,
+            "loss_ours": loss_ours, "loss_baseline": loss_hf, "shape": shape_name(c), "batch": B,
+            "compile": compile, "mfu_ours": tps_ours * flops / peak, "mfu_baseline": tps_base * flops / peak,
+            "matmul_peak_gflops": peak / 1e9, "threads": torch.get_num_threads(),
+        })
+    return rows
+
+
+def lm_sample(repeats: int = 3, quick: bool = False, batches: tuple[int, ...] = (64, 256), new_tokens: int | None = None) -> list[dict]:
+    """Sampling tokens/s from BOS, ours vs HF generate, for each shape and batch size."""
+    shapes = SHAPES[:1] if quick else SHAPES
+    if quick:
+        repeats, batches, new_tokens = 1, (16,), 8
+    peak = matmul_peak(seconds=0.2 if quick else 2.0)
+    rows = []
+    for s in shapes:
+        c = LMConfig(arch="llama2", **s)
+        n_new = new_tokens or min(c.block_size - 1, 255)
+        ours, hf = pair(c)
+        ours.eval()
+        hf.generation_config.pad_token_id = 0
+        bos = 1
+        # equal: greedy continuations are identical
+        idx = torch.full((4, 1), bos)
+        greedy = min(n_new, 32)
+        g_ours = ours.generate(idx, greedy, temperature=0)
+        with torch.no_grad():
+            g_hf = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=greedy, min_new_tokens=greedy)
+        equal = torch.equal(g_ours, g_hf)
+        for B in batches:
+            idx = torch.full((B, 1), bos)
+            gen = torch.Generator().manual_seed(0)
+            torch.manual_seed(0)  # HF samples from the global generator
+
+            def run_ours():
+                ours.generate(idx, n_new, temperature=1.0, generator=gen)
+
+            def run_hf():
+                with torch.no_grad():
+                    hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                max_new_tokens=n_new, min_new_tokens=n_new)
+
+            t_ours, t_base = paired_times(run_ours, run_hf, repeats)
+            n_tok = B * n_new
+            flops = 2 * matmul_params(c) + 4 * c.n_layer * c.n_embd * (1 + n_new / 2)  # mean context
+            tps_ours, tps_base = n_tok / float(np.median(t_ours)), n_tok / float(np.median(t_base))
+            rows.append({
+                "bench": "lm-sample", "ours": tps_ours, "baseline": tps_base, "unit": "tokens/s",
+                "ratio": median_ratio(t_ours, t_base), "equal": equal, "shape": shape_name(c), "batch": B,
+                "new_tokens": n_new, "mfu_ours": tps_ours * flops / peak, "mfu_baseline": tps_base * flops / peak,
+                "matmul_peak_gflops": peak / 1e9, "threads": torch.get_num_threads(),
+            })
+    return rows
