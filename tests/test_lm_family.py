@@ -90,6 +90,19 @@ def test_loader_reads_txt_jsonl_parquet_and_folders(tmp_path):
     assert train == want and test == want  # test_data: a test source of its own
 
 
+def test_hf_source_reads_a_dataset_through_datasets(tmp_path, monkeypatch):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))  # nothing in ~/.cache
+    (tmp_path / "ds").mkdir()  # a dataset folder as the Hub holds one: a file per split, named after it
+    pq.write_table(pa.table({"text": STORIES[:6]}), tmp_path / "ds" / "train.parquet")
+    pq.write_table(pa.table({"text": ["A test story.\n\nIn two paragraphs."]}), tmp_path / "ds" / "validation.parquet")
+    train, test = text.load_stories(f"hf:{tmp_path / 'ds'}", None, 0.05)
+    assert train == [text.normalize(s) for s in STORIES[:6]] and test == ["A test story.\nIn two paragraphs."]
+
+
 def test_normalize_repairs_mojibake_and_paragraphs():
     raw = "â€œHi,â€ she said.\n\n  Itâ€™s fun â€“ yes.â€\nEnd.\n"
     assert text.normalize(raw) == "“Hi,” she said.\nIt’s fun – yes.”\nEnd."
@@ -113,13 +126,11 @@ def test_bad_data_raises_bad_input(tmp_path, name, body, message):
         fam.real_data("train", 0)
 
 
-def test_empty_folder_and_offline_hf_raise_bad_input(tmp_path, monkeypatch):
+def test_empty_folder_and_unloadable_hf_dataset_raise_bad_input(tmp_path):
     with pytest.raises(BadInput, match="holds no"):
         list(text.read_path(str(tmp_path)))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(BadInput, match="cannot load Hugging Face dataset"):
-        list(text.read_hf("roneneldan/TinyStories-not-cached-here", "train"))
+    with pytest.raises(BadInput, match="cannot load Hugging Face dataset"):  # a folder: no network is asked
+        list(text.read_hf(str(tmp_path / "no-such-dataset"), "train"))
 
 
 # -- tokenizer ------------------------------------------------------------------------------------------

@@ -7,14 +7,14 @@ length limit has no EOS). The starts file is written last, so a shard whose star
 
 A `TokenSet` (the family's Data) is a tuple of parts, each a shard and the documents chosen from it. Its size
 is its token count, BOS and EOS included. Concatenating and subsampling only build new lists of document
-indices; tokens are read from disk when batches are made, a chunk of documents at a time, through memory
-maps that are dropped after each chunk, so an accumulated pool of many generations is streamed, never
-held in memory whole.
+indices; tokens are read from disk a document at a time when batches are made, so an accumulated pool of
+many generations is streamed, never held in memory whole (memory holds 8 bytes of offsets per document).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ import numpy as np
 
 from modelcollapse.errors import BadInput
 
-CHUNK_DOCS = 4096  # documents gathered per disk read: bounds the memory of a pass over any pool
+CHUNK_DOCS = 4096  # documents whose shards are looked up at once
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -53,15 +53,10 @@ def write_shard(stem: Path, docs: Iterable[np.ndarray], dtype: np.dtype) -> Path
             for doc in docs:
                 f.write(np.asarray(doc, dtype=dtype).tobytes())
                 starts.append(starts[-1] + len(doc))
-        n = starts[-1]
-        out = np.lib.format.open_memmap(tmp_tokens, mode="w+", dtype=dtype, shape=(n,))
-        if n:
-            src = np.memmap(raw, dtype=dtype, mode="r", shape=(n,))
-            for i in range(0, n, 1 << 24):
-                out[i : i + (1 << 24)] = src[i : i + (1 << 24)]
-            del src
-        out.flush()
-        del out
+        with open(raw, "rb") as src, open(tmp_tokens, "wb") as f:  # a .npy header, then the raw tokens
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (starts[-1],)}
+            np.lib.format.write_array_header_1_0(f, header)
+            shutil.copyfileobj(src, f, 1 << 24)
         with open(tmp_starts, "wb") as f:
             np.save(f, np.asarray(starts, dtype=np.int64))
         os.replace(tmp_tokens, tokens_path)
@@ -73,11 +68,32 @@ def write_shard(stem: Path, docs: Iterable[np.ndarray], dtype: np.dtype) -> Path
 
 
 def _open(stem: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, starts) of a shard as memory maps: for their lengths and headers, not to read tokens from."""
     tokens_path, starts_path = _paths(stem)
     try:
         return np.load(tokens_path, mmap_mode="r"), np.load(starts_path, mmap_mode="r")
     except (OSError, ValueError) as e:
         raise BadInput(f"token shard {stem} is missing or corrupt: {e}") from None
+
+
+class _Reader:
+    """Reads documents of one shard with pread, not through a memory map: a map's pages (and the kernel's
+    fault-around neighbours) stay in the process's resident memory, which would then grow with the pool."""
+
+    def __init__(self, stem: Path):
+        tokens, starts = _open(stem)
+        self.dtype, self.offset = tokens.dtype, tokens.offset
+        self.starts = np.array(starts)  # in memory: 8 bytes a document
+        del tokens, starts
+        self.fd = os.open(_paths(stem)[0], os.O_RDONLY)
+
+    def doc(self, d: int) -> np.ndarray:
+        a, b = int(self.starts[d]), int(self.starts[d + 1])
+        size = self.dtype.itemsize
+        return np.frombuffer(os.pread(self.fd, (b - a) * size, self.offset + a * size), dtype=self.dtype).astype(np.int64)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,16 +161,19 @@ class TokenSet:
         """Every document's tokens (int64), in `order` (indices into this set) or in stored order."""
         first = np.cumsum([0] + [p.n_docs for p in self.parts])
         order = np.arange(self.n_docs) if order is None else order
-        for c in range(0, len(order), CHUNK_DOCS):
-            chunk = order[c : c + CHUNK_DOCS]
-            part_of = np.searchsorted(first, chunk, side="right") - 1
-            maps = {i: _open(self.parts[i].stem) for i in np.unique(part_of)}  # dropped after the chunk
-            for g, i in zip(chunk, part_of):
-                p = self.parts[i]
-                d = g - first[i] if p.docs is None else p.docs[g - first[i]]
-                tokens, starts = maps[i]
-                yield np.asarray(tokens[starts[d] : starts[d + 1]], dtype=np.int64)
-            del maps
+        readers: dict[int, _Reader] = {}
+        try:
+            for c in range(0, len(order), CHUNK_DOCS):
+                chunk = order[c : c + CHUNK_DOCS]
+                part_of = np.searchsorted(first, chunk, side="right") - 1
+                for g, i in zip(chunk.tolist(), part_of.tolist()):
+                    p = self.parts[i]
+                    if i not in readers:
+                        readers[i] = _Reader(p.stem)
+                    yield readers[i].doc(g - first[i] if p.docs is None else p.docs[g - first[i]])
+        finally:
+            for r in readers.values():
+                r.close()
 
     def n_batches(self, block_size: int, batch_size: int) -> int:
         """Batches in one pass of `batches`: rows of T targets each, over a stream of n_tokens tokens."""
