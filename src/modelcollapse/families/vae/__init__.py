@@ -8,7 +8,9 @@ synthetic images, is scored on real held-out images, and its samples are judged 
 - Metrics (`evaluate`): `test_nelbo`, the main metric, is the negative ELBO in nats per real test image, from
   one posterior draw per image. The draws are fixed (a generator seeded 0, whatever the call's seed), so any
   two models are compared on the same noise. `test_bpd` = test_nelbo / (D ln 2) bits per dimension (for the
-  Gaussian decoder + 8, the change from a density on [0, 1] to one on 256 grey levels). `test_recon` and
+  Gaussian decoder + 8, the change from a density on [0, 1] to one on 256 grey levels). With the Bernoulli
+  decoder on grey levels the likelihood is not normalised over [0, 1] (Loaiza-Ganem & Cunningham 2019), so
+  test_nelbo is then a loss to compare across generations, not a code length. `test_recon` and
   `test_kl` are its two terms, `train_nelbo` the last epoch's mean training loss. Then `metrics.py` judges
   `eval_samples` fresh samples with a classifier trained once on the real training labels; samples.png in
   the generation's folder shows 64 of them.
@@ -56,15 +58,15 @@ class Config(BaseModel):
     n_test: int | None = Field(None, ge=1, description="real test images (default: the whole test split)")
     # model
     channels: list[Annotated[int, Field(ge=1)]] = Field(
-        [32, 64], min_length=1, max_length=8, description="channels of each stride-2 conv; each halves the image")
+        [16, 32], min_length=1, max_length=8, description="channels of each stride-2 conv; each halves the image")
     latent_dim: int = Field(16, ge=1, description="dimension of the Gaussian latent z")
     decoder: Literal["bernoulli", "gaussian"] = Field("bernoulli", description="the likelihood p(x|z)")
     sigma: Annotated[float, Field(gt=0.0)] | Literal["learned"] = Field(
         "learned", description="gaussian decoder only: its fixed σ, or 'learned' (one per image channel)")
     # training
-    epochs: int = Field(20, ge=1, description="passes over each generation's training set")
-    batch_size: int = Field(128, ge=1, description="images per Adam step")
-    lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate")
+    epochs: int = Field(10, ge=1, description="passes over each generation's training set")
+    batch_size: int = Field(64, ge=1, description="images per Adam step")
+    lr: float = Field(2e-3, gt=0.0, le=1.0, description="Adam learning rate")
     # evaluation
     eval_samples: int = Field(1000, ge=10, description="sampled (and real test) images the classifier judges")
     pr_k: int = Field(3, ge=1, description="k of the k-NN precision/recall balls")

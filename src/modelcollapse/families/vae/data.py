@@ -78,7 +78,7 @@ def source(config) -> Source:
         return Source(1, 28, DIGIT_NAMES, False)
     if config.dataset == "fashion-mnist":
         return Source(1, 28, FASHION_NAMES, False)
-    names = celeba_index(Path(config.data_dir))[0]
+    names = celeba_index(Path(config.data_dir).expanduser())[0]
     return Source(3, config.image_size, names, True)
 
 
@@ -106,7 +106,7 @@ def _arrays(config) -> tuple[Images, Images]:
         return _stratified(*load_digits(), test_fraction=0.2)
     if config.dataset == "mnist5k":
         return _stratified(*load_mnist5k(), test_fraction=0.2)
-    folder = Path(config.data_dir) if config.data_dir else DEBIAN_FASHION_MNIST
+    folder = Path(config.data_dir).expanduser() if config.data_dir else DEBIAN_FASHION_MNIST
     train, test = load_idx_folder(folder)
     return train[rng(0).permutation(len(train))], test[rng(1).permutation(len(test))]
 
@@ -233,7 +233,7 @@ def celeba_index(folder: Path) -> tuple[tuple[str, ...], list[str], np.ndarray, 
 
 
 def _celeba(config, split: str, draw: int, cache_dir: Path) -> Images:
-    folder = Path(config.data_dir)
+    folder = Path(config.data_dir).expanduser()
     _, files, attrs, partition = celeba_index(folder)
     idx = np.flatnonzero(partition == (0 if split == "train" else 2))
     idx = idx[rng(0).permutation(len(idx))]  # a fixed order, so n_train takes a spread of identities

@@ -104,7 +104,7 @@ class VAE(nn.Module):
             return F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum((1, 2, 3))  # (B,)
         sigma = self.sigma().to(x.device)
         z = (x - torch.sigmoid(logits)) / sigma
-        return (0.5 * z**2 + torch.log(sigma) + 0.5 * math.log(2 * math.pi)).expand_as(x).sum((1, 2, 3))  # (B,)
+        return (0.5 * z**2 + torch.log(sigma) + 0.5 * math.log(2 * math.pi)).sum((1, 2, 3))  # (B,)
 
     def forward(self, x, noise=None):
         """x: (B, C, H, W) in [0, 1]; noise: (B, d) standard normal draws for the reparameterisation (drawn here
