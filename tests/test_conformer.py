@@ -304,6 +304,20 @@ def test_sample_keeps_graphs_and_round_trips(family, fitted, tmp_path):
     assert len(family.concat([train, back]).graphs) == len(train.graphs)
 
 
+def test_corrupt_sample_files_are_bad_input(family, tmp_path):
+    train = family.real_data("train", 0)
+    D.save_set(tmp_path / "synthetic", train)
+    assert len(family.load_sample(tmp_path)) == len(train)
+    with np.load(tmp_path / "synthetic.npz") as z:
+        arrays = dict(z)
+    np.savez(tmp_path / "synthetic.npz", **dict(arrays, pos=arrays["pos"][:-1]))  # one atom short
+    with pytest.raises(BadInput, match="does not match"):
+        family.load_sample(tmp_path)
+    (tmp_path / "synthetic.json").write_text("{}")
+    with pytest.raises(BadInput, match="cannot read"):
+        family.load_sample(tmp_path)
+
+
 def test_save_and_load_model(family, fitted, tmp_path):
     family.save_model(fitted, tmp_path)
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "model.json").exists()

@@ -169,20 +169,24 @@ def save_set(stem: Path, data: ConformerSet) -> None:
 
 
 def load_set(stem: Path) -> ConformerSet:
+    """Reopen what save_set wrote; BadInput if the files are missing, corrupt or disagree with each other."""
     try:
-        meta = json.loads(stem.with_suffix(".json").read_text())
+        blocks = [(g["name"], g["molblock"]) for g in json.loads(stem.with_suffix(".json").read_text())["graphs"]]
         with np.load(stem.with_suffix(".npz"), allow_pickle=False) as z:
-            graph_idx, n_atoms, flat = z["graph_idx"], z["n_atoms"], z["pos"]
-    except (OSError, ValueError, KeyError) as e:
+            graph_idx, n_atoms, flat = z["graph_idx"].astype(np.int64), z["n_atoms"], z["pos"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise BadInput(f"cannot read conformer set {stem}.npz/.json: {e}") from None
     graphs = []
-    for g in meta["graphs"]:
-        mol = Chem.MolFromMolBlock(g["molblock"], removeHs=False)
+    for name, block in blocks:
+        mol = Chem.MolFromMolBlock(block, removeHs=False)
         if mol is None:
-            raise BadInput(f"{stem}.json: the graph of {g['name']!r} does not parse")
-        graphs.append(MolGraph.from_mol(mol, g["name"]))
-    pos = np.split(flat, np.cumsum(n_atoms)[:-1]) if len(n_atoms) else []
-    return ConformerSet(graphs, graph_idx.astype(np.int64), list(pos))
+            raise BadInput(f"{stem}.json: the graph of {name!r} does not parse")
+        graphs.append(MolGraph.from_mol(mol, name))
+    sizes = np.array([g.n_atoms for g in graphs], dtype=np.int64)
+    if (len(graph_idx) != len(n_atoms) or flat.shape != (n_atoms.sum(), 3) or (graph_idx < 0).any()
+            or (graph_idx >= len(graphs)).any() or (sizes[graph_idx] != n_atoms).any()):
+        raise BadInput(f"{stem}.npz does not match the graphs in {stem}.json")
+    return ConformerSet(graphs, graph_idx, list(np.split(flat, np.cumsum(n_atoms)[:-1])) if len(n_atoms) else [])
 
 
 def make_batch(graphs: list[MolGraph], pos: list[np.ndarray]) -> Batch:

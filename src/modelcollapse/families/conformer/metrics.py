@@ -130,6 +130,7 @@ def render(graphs: list[MolGraph], ref_pos: list[np.ndarray], gen_pos: list[np.n
             ax.set_xlim(centre[0] - half, centre[0] + half)
             ax.set_ylim(centre[1] - half, centre[1] + half)
             ax.set_zlim(centre[2] - half, centre[2] + half)
+            ax.set_box_aspect((1, 1, 1), zoom=1.4)  # equal axes, so angles look right; less empty margin
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -15,8 +15,9 @@ predicted noise with it (and translation is removed by centring); training is ε
 Where it differs: GeoDiff predicts noise on pairwise distances and maps it to coordinates by the chain rule,
 with sigmoid betas over 5000 steps and one network per edge set; here an EGNN predicts coordinate noise
 directly (EDM-style), in the zero-centre-of-mass subspace, with DDPM's linear schedule by default (GeoDiff's
-sigmoid one, rescaled to the chain's length, on request), and sampling may skip steps (a respaced DDPM chain). Heavy atoms only. Like GeoDiff the denoiser is reflection-equivariant
-too, so it cannot tell enantiomers apart; chirality is not controlled.
+sigmoid one, rescaled to the chain's length, on request), and sampling may skip steps (a respaced DDPM chain).
+Heavy atoms only. Like GeoDiff's, the denoiser is equivariant to reflections too, so it cannot tell
+enantiomers apart: chirality is not controlled.
 """
 
 from __future__ import annotations
