@@ -289,9 +289,10 @@ def test_sample_keeps_graphs_and_round_trips(family, fitted, tmp_path):
     train = family.real_data("train", 0)
     synthetic = family.sample(fitted, 2 * len(train) + 1, train, seed=3, workdir=tmp_path)
     assert family.size(synthetic) == 2 * len(train) + 1
-    # the real training graphs, each conformer's graph cycled from `like`; only the coordinates are new
+    # the real training graphs, every conformer's graph twice, then one more; only the coordinates are new
     keys = [synthetic.graphs[g].key for g in synthetic.graph_idx]
-    assert keys == [train.graphs[train.graph_idx[i % len(train)]].key for i in range(len(keys))]
+    assert keys[:-1] == [train.graphs[train.graph_idx[i % len(train)]].key for i in range(2 * len(train))]
+    assert keys[-1] in {g.key for g in train.graphs}
     assert not np.allclose(synthetic.pos[0], train.pos[0])
     assert (tmp_path / "synthetic.npz").exists() and (tmp_path / "synthetic.json").exists()
     back = family.load_sample(tmp_path)
@@ -302,6 +303,15 @@ def test_sample_keeps_graphs_and_round_trips(family, fitted, tmp_path):
     np.testing.assert_array_equal(np.concatenate(back.pos), np.concatenate(synthetic.pos))
     # synthetic and real conformers of one graph concatenate as one molecule
     assert len(family.concat([train, back]).graphs) == len(train.graphs)
+
+
+def test_a_small_sample_draws_from_every_part_of_like(family, fitted, tmp_path):
+    train = family.real_data("train", 0)
+    half = family.sample(fitted, len(train) // 2, train, seed=5, workdir=tmp_path)
+    assert family.size(half) == len(train) // 2
+    # a random half of the conformers, not the first half (which would leave the last molecules out)
+    first_half = {train.graphs[g].key for g in train.graph_idx[: len(train) // 2]}
+    assert {g.key for g in half.graphs} - first_half
 
 
 def test_corrupt_sample_files_are_bad_input(family, tmp_path):

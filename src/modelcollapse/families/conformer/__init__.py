@@ -76,7 +76,8 @@ class Config(BaseModel):
                           "even when the graph does not relate them")
     diffusion_steps: int = Field(1000, ge=100, description="T, the length of the training diffusion chain")
     schedule: Literal["linear", "sigmoid"] = Field("linear", description="the noise schedule's betas: DDPM's "
-                                                   "linear ones or GeoDiff's sigmoid ones (rescaled to diffusion_steps)")
+                                                   "linear ones or GeoDiff's sigmoid ones, rescaled to "
+                                                   "diffusion_steps")
     # training
     train_steps: int = Field(1500, ge=1, description="optimizer steps per generation, whatever the data's size")
     batch_size: int = Field(32, ge=1, description="conformers per optimizer step")
@@ -146,7 +147,9 @@ class Family:
                          schedule=c.schedule)
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") else contextlib.nullcontext()
+        if self.device.startswith("cuda"):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()  # the CPU stays in float32
 
     def lr(self, step: int) -> float:
         c = self.config
@@ -187,7 +190,8 @@ class Family:
         every = max(1, len(losses) // 50)
         atomic_write_json(Path(workdir) / "fit.json", {
             "train_conformers": len(train), "train_molecules": len(train.graphs), "steps": c.train_steps,
-            "loss_every": every, "train_loss": [float(np.mean(losses[k:k + every])) for k in range(0, len(losses), every)],
+            "loss_every": every,
+            "train_loss": [float(np.mean(losses[k:k + every])) for k in range(0, len(losses), every)],
         })
         return model
 
@@ -206,9 +210,15 @@ class Family:
                 pos.extend(np.split(x, np.cumsum([gr.n_atoms for gr in graphs])[:-1]))
         return ConformerSet(like.graphs, like.graph_idx, pos)
 
-    def sample(self, model: ConformerDiffusion, size: int, like: ConformerSet, seed: int, workdir: Path) -> ConformerSet:
-        """New conformers for the real training graphs: `like`'s conformers cycled to `size`, each regenerated."""
-        synthetic = self.generate(model, like.take(np.arange(size) % len(like)), seed)
+    def sample(self, model: ConformerDiffusion, size: int, like: ConformerSet, seed: int,
+               workdir: Path) -> ConformerSet:
+        """New conformers for the real training graphs: one for every conformer of `like`, as many times over as
+        `size` allows, and one for each of a random subset of them for the remainder (not the first ones, which
+        would favour some molecules when a policy asks for fewer than |like|)."""
+        rounds, rest = divmod(size, len(like))
+        extra = np.sort(rng(derive_seed(seed, "like")).choice(len(like), size=rest, replace=False))
+        idx = np.concatenate([np.tile(np.arange(len(like)), rounds), extra])
+        synthetic = self.generate(model, like.take(idx), seed)
         D.save_set(Path(workdir) / "synthetic", synthetic)
         return synthetic
 
