@@ -138,3 +138,20 @@ def test_a_second_process_in_the_same_dir_is_refused(tmp_path):
     with RunDir(tmp_path / "run", first.resolved(), first.hash()):
         r = cli("run", cfg_file, "--out", tmp_path / "run")
     assert r.returncode == 2 and "in use by another" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fresh_without_enough_real_data_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from modelcollapse.families import DataUnavailable, linreg
+
+    real = linreg.Family.real_data
+
+    def finite(self, split, seed, draw=0):
+        if draw > 2:
+            raise DataUnavailable("linreg: only three real draws in this test")
+        return real(self, split, seed, draw)
+
+    monkeypatch.setattr(linreg.Family, "real_data", finite)
+    run_experiment(make(policies=[{"name": "fresh", "real_fraction": 0.5}], iterations=3), tmp_path / "ok", progress=False)
+    with pytest.raises(BadInput, match="only three real draws"):
+        run_experiment(make(policies=[{"name": "fresh", "real_fraction": 0.5}], iterations=5), tmp_path / "no", progress=False)
+    assert not (tmp_path / "no").exists()

@@ -46,6 +46,8 @@ def run_experiment(cfg: ExperimentConfig, out: Path, progress: bool | None = Non
     family = make_family(cfg)
     family.real_data("train", cfg.seeds[0])  # bad data files fail here, before anything is written
     family.real_data("test", cfg.seeds[0])
+    if any(p.name == "fresh" for p in cfg.policies) and cfg.iterations > 1:
+        family.real_data("train", cfg.seeds[0], draw=cfg.iterations - 1)  # DataUnavailable if it has too little
     fast = set(getattr(family, "fast_policies", tuple)())
     created = not out.exists()
     try:

@@ -19,11 +19,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+from modelcollapse.errors import BadInput
+
 Data = Any
 Model = Any
 
 
-class DataUnavailable(Exception):
+class DataUnavailable(BadInput):
     """The family cannot provide what was asked (e.g. fresh real data beyond what it ships)."""
 
 
