@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from conftest import cli
 from modelcollapse import config as configlib
 from modelcollapse.errors import BadInput
 from modelcollapse.families import DataUnavailable
@@ -344,3 +345,18 @@ def test_tiny_run_through_the_loop(tmp_path):
     value = {(r["policy"], r["iteration"], r["metric"]): r["value"] for r in rows}
     assert value["replace", 1, "test_nelbo"] == value["accumulate", 1, "test_nelbo"]  # generation 1 is shared
     assert value["replace", 2, "test_nelbo"] != value["accumulate", 2, "test_nelbo"]
+
+
+@pytest.mark.parametrize("broken", ["missing", "malformed"])
+def test_cli_names_a_bad_idx_folder_in_one_line_and_exits_2(tmp_path, broken):
+    folder = tmp_path / "fm"
+    if broken == "malformed":
+        fake_fashion(folder)
+        (folder / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 5))
+    cfg = tmp_path / "vae.toml"
+    cfg.write_text(f'family = "vae"\npolicies = ["replace"]\niterations = 2\nseeds = 1\n'
+                   f'[vae]\ndataset = "fashion-mnist"\ndata_dir = "{folder}"\n')  # fmt: skip
+    r = cli("run", cfg, "--out", tmp_path / "out")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert str(folder) in r.stderr and ("not found" if broken == "missing" else "t10k-images") in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing written

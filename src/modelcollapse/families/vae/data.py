@@ -157,7 +157,7 @@ IDX_MAGIC = {1: 0x0801, 3: 0x0803}  # unsigned bytes, 1 dimension (labels) or 3 
 
 def load_idx_folder(folder: Path) -> tuple[Images, Images]:
     if not folder.is_dir():
-        raise BadInput(f"IDX data folder not found: {folder}")
+        raise BadInput(f"IDX data folder not found: {folder} (set vae.data_dir to the folder of the IDX files)")
     out = []
     for stem in ("train", "t10k"):
         x = read_idx(_find_idx(folder, f"{stem}-images", 3), 3)
