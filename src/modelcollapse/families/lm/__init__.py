@@ -111,6 +111,8 @@ class Config(BaseModel):
 
 
 class Family:
+    """The `lm` family (see the module docstring). Fitted state: `tokenizer_`, `bos_`, `eos_`."""
+
     def __init__(self, config: Config, *, device: str = "cpu", cache_dir: Path | None = None):
         self.config = config
         self.device = device
@@ -119,6 +121,10 @@ class Family:
         self._sets: dict[str, TokenSet] = {}
 
     # -- real data ---------------------------------------------------------------------------------------
+    def _ready(self) -> None:
+        if self._stories is None:
+            self._prepare()
+
     def _prepare(self) -> None:
         """Read, split and deduplicate the stories, fit the tokenizer, write the real shards (all cached)."""
         c = self.config
@@ -162,8 +168,7 @@ class Family:
         next `max_train_stories` stories after draw k - 1's."""
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-        if self._stories is None:
-            self._prepare()
+        self._ready()
         key = "test" if split == "test" else f"train-{draw}"
         if key not in self._sets:
             self._sets[key] = self._tokenize(self._draw_stories(draw))
@@ -179,10 +184,6 @@ class Family:
         return data.subsample(size, seed)
 
     # -- the model ---------------------------------------------------------------------------------------
-    def _ready(self) -> None:
-        if self._stories is None:
-            self._prepare()
-
     def fit(self, train: TokenSet, seed: int, workdir: Path):
         self._ready()
         return loops.fit(self.config, train, self.config.vocab_size, self.bos_, seed, Path(workdir), self.device)

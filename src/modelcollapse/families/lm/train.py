@@ -75,7 +75,9 @@ def _save_checkpoint(path: Path, model: LM, opt: torch.optim.Optimizer, step: in
     state = opt.state_dict()
     for i, s in state["state"].items():
         tensors.update({f"opt.{i}.{k}": v.detach().clone().contiguous() for k, v in s.items()})
-    tensors["rng.cpu"] = torch.get_rng_state()
+    tensors["rng.cpu"] = torch.get_rng_state()  # dropout's draws, so a resumed fit makes the same ones
+    if next(model.parameters()).is_cuda:
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(next(model.parameters()).device)
     meta = dict(step=step, plan=plan, param_groups=state["param_groups"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -99,9 +101,11 @@ def _load_checkpoint(path: Path, model: LM, opt: torch.optim.Optimizer, plan: di
     for k, v in tensors.items():
         if k.startswith("opt."):
             _, i, name = k.split(".", 2)
-            state.setdefault(int(i), {})[name] = v if name == "step" else v.to(device)
+            state.setdefault(int(i), {})[name] = v  # load_state_dict moves each to its parameter's device
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], torch.device(device))
     return int(meta["step"])
 
 
