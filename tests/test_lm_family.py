@@ -360,3 +360,21 @@ def test_quick_lm_run_through_the_loop(tmp_path, monkeypatch):
         assert TokenSet.open(sorted({p.with_name(p.name.split(".")[0]) for p in (gen1 / "sample").glob("shard-*.npy")})).n_tokens == real_tokens
     rerun = run_experiment(configlib.from_dict(raw), tmp_path / "run", progress=False)  # finished: nothing redone
     assert read_metrics(rerun) == rows
+
+    # any generation exports to transformers, with its tokenizer, and computes the same logits
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import cli
+    from modelcollapse.families.lm import export
+
+    gen2 = out / "accumulate" / "seed-0" / "gen-2"
+    hf_dir = export(gen2, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    ids = torch.tensor([[0] + tok("Once upon a time there was a cat.")["input_ids"]])
+    ours = Family(configlib.from_dict(raw).family_config, device="cpu").load_model(gen2)
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours(ids)[0], atol=1e-4)
+    bad = cli("export", out / "accumulate", "--out", tmp_path / "nowhere")
+    assert bad.returncode == 2 and "not a generation folder" in bad.stderr

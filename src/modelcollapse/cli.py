@@ -112,6 +112,25 @@ def reproduce(
 
 
 @app.command()
+def export(
+    gen_dir: Path = typer.Argument(..., help="a generation's folder: DIR/<policy>/seed-<s>/gen-<n>"),
+    out: Path = typer.Option(..., "--out", help="where to write the exported model"),
+):
+    """Export a generation's model to the format its field uses (lm: Hugging Face transformers)."""
+    from modelcollapse.config import family_module
+    from modelcollapse.store import read_json
+
+    manifest = Path(gen_dir).resolve().parents[2] / "manifest.json" if len(Path(gen_dir).resolve().parents) > 2 else None
+    if manifest is None or not manifest.exists():
+        raise BadInput(f"export: {gen_dir} is not a generation folder of a run directory (no manifest.json above it)")
+    family = read_json(manifest)["config"]["family"]
+    module = family_module(family)
+    if not hasattr(module, "export"):
+        raise BadInput(f"export: the {family} family has no export format")
+    typer.echo(f"exported: {module.export(Path(gen_dir), out)}")
+
+
+@app.command()
 def bench(
     name: str = typer.Argument(..., help="linreg, lm-train or lm-sample"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object a line"),

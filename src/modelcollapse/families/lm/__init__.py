@@ -239,3 +239,21 @@ class Family:
         model = LM(shape)
         load_model(model, str(workdir / "model.safetensors"))
         return model.to(self.device).eval()
+
+
+def export(gen_dir: Path, out_dir: Path) -> Path:
+    """Write generation `gen_dir`'s model as a Hugging Face transformers directory (GPT2LMHeadModel or
+    LlamaForCausalLM, with its tokenizer as a PreTrainedTokenizerFast) that `from_pretrained` loads."""
+    from transformers import PreTrainedTokenizerFast
+
+    from modelcollapse.families.lm.export import export_hf
+
+    gen_dir = Path(gen_dir)
+    if not (gen_dir / "model.safetensors").exists():
+        raise BadInput(f"{gen_dir} holds no lm model (model.safetensors); give a gen-<n> folder of an lm run")
+    model = Family(Config.model_construct(), device="cpu").load_model(gen_dir)
+    out = export_hf(model, out_dir, bos_id=0, eos_id=1)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(gen_dir / "tokenizer.json"), bos_token=text.BOS, eos_token=text.EOS)
+    tokenizer.save_pretrained(out)
+    return out
+
