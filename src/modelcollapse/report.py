@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
@@ -87,37 +88,81 @@ def theory_for(run: Run, policy: str, iterations: int):
     return curve(module.Config(**run.config[run.family]), policy, iterations)
 
 
-def plot_metric(runs: list[Run], metric: str, path: Path, with_theory: bool) -> None:
-    ncols = min(3, len(runs))
-    nrows = -(-len(runs) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
-    for ax, run in zip(axes.flat, runs):
-        table = run.table(metric)
-        lows, highs = [], []
-        for i, policy in enumerate(p for p in run.policies if p in table):
-            color = f"C{i}"
-            its = sorted(table[policy])
-            m, h = np.array([mean_ci(table[policy][n]) for n in its]).T
-            lows.append(m.min())
-            highs.append(m.max())
-            style = "o-" if len(its) <= 30 else "-"
-            ax.plot(its, m, style, color=color, ms=3, label=f"{policy} (n={len(table[policy][its[0]])})")
-            ax.fill_between(its, m - h, m + h, color=color, alpha=0.2)
-            theory = theory_for(run, policy, max(its)) if with_theory else None
-            if theory is not None:
-                ax.plot(range(1, len(theory) + 1), theory, "--", color=color, lw=1.2, label=f"{policy} theory")
-        if lows and min(lows) > 0 and max(highs) / min(lows) > 30:
-            ax.set_yscale("log")  # replace's linear growth would flatten accumulate's curve into the axis
-        ax.set_title(run.name, fontsize=10)
-        ax.set_xlabel("model-fitting iteration")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
+def draw_panel(ax, run: Run, metric: str, with_theory: bool, legend: bool = True) -> None:
+    """Mean over seeds per iteration with its 95% interval, a line per policy, theory dashed."""
+    table = run.table(metric)
+    lows, highs = [], []
+    for i, policy in enumerate(p for p in run.policies if p in table):
+        color = f"C{i}"
+        its = sorted(table[policy])
+        m, h = np.array([mean_ci(table[policy][n]) for n in its]).T
+        lows.append(m.min())
+        highs.append(m.max())
+        style = "o-" if len(its) <= 30 else "-"
+        ax.plot(its, m, style, color=color, ms=3, label=f"{policy} (n={len(table[policy][its[0]])})")
+        ax.fill_between(its, m - h, m + h, color=color, alpha=0.2)
+        theory = theory_for(run, policy, max(its)) if with_theory else None
+        if theory is not None:
+            ax.plot(range(1, len(theory) + 1), theory, "--", color=color, lw=1.2, label=f"{policy} theory")
+    if lows and min(lows) > 0 and max(highs) / min(lows) > 30:
+        ax.set_yscale("log")  # replace's linear growth would flatten accumulate's curve into the axis
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("model-fitting iteration")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    if legend:
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(runs):]:
+
+
+def panels(n: int, ncols: int, size=(4.6, 3.6)):
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    for ax in list(axes.flat)[n:]:
         ax.axis("off")
+    return fig, list(axes.flat)
+
+
+def save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_metric(runs: list[Run], metric: str, path: Path, with_theory: bool) -> None:
+    """One metric, a panel per run (a sweep over T draws the paper's Fig. 7)."""
+    fig, axes = panels(len(runs), 3)
+    for ax, run in zip(axes, runs):
+        draw_panel(ax, run, metric, with_theory)
+        ax.set_title(run.name, fontsize=10)
+    save(fig, path)
+
+
+def plot_run_metrics(run: Run, metrics: list[str], path: Path) -> None:
+    """Every other metric of one run, a small panel each."""
+    fig, axes = panels(len(metrics), 4, size=(3.6, 2.8))
+    for i, (ax, metric) in enumerate(zip(axes, metrics)):
+        draw_panel(ax, run, metric, with_theory=False, legend=i == 0)
+        ax.set_title(metric, fontsize=9)
+    fig.suptitle(run.name, fontsize=10)
+    save(fig, path)
+
+
+def final_table(run: Run, metrics: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Each metric at the last iteration, a column per policy."""
+    policies = [p for p in run.policies if any(p in run.table(m) for m in metrics)]
+    body = []
+    for metric in metrics:
+        table = run.table(metric)
+        row = [metric]
+        for p in policies:
+            if table.get(p):
+                m, h = mean_ci(table[p][max(table[p])])
+                row.append(f"{m:.4g} ± {h:.2g}" if h else f"{m:.4g}")
+            else:
+                row.append("")
+        body.append(row)
+    return ["metric (last iteration)", *policies], body
 
 
 def summary_table(run: Run, metric: str, with_theory: bool) -> tuple[list[str], list[list[str]]]:
@@ -196,19 +241,28 @@ def write_report(dirs: list[Path], out: Path) -> Path:
         metrics.sort(key=lambda m: m != primary)
         body.append(f"<h2>{html.escape(family)}</h2>")
         md += [f"## {family}", ""]
-        for metric in metrics:
-            with_theory = metric == primary
-            png = f"{family}-{metric}.png"
-            plot_metric([r for r in fruns if metric in r.metrics()], metric, out / png, with_theory)
-            body.append(f"<h3>{html.escape(metric)}</h3><img src='{png}' style='max-width:100%'>")
-            md += [f"### {metric}", "", f"![{metric}]({png})", ""]
+        others = metrics[1:] if metrics and metrics[0] == primary else metrics
+        if primary in metrics:
+            png = f"{family}-{primary}.png"
+            plot_metric([r for r in fruns if primary in r.metrics()], primary, out / png, with_theory=True)
+            body.append(f"<h3>{html.escape(primary)}</h3><img src='{png}' style='max-width:100%'>")
+            md += [f"### {primary}", "", f"![{primary}]({png})", ""]
             for r in fruns:
-                if metric not in r.metrics():
-                    continue
-                header, rows = summary_table(r, metric, with_theory)
-                caption = f"{r.name}: {metric}, mean ± 95% CI over {len(r.seeds)} seed(s) ({r.manifest.get('status')})"
-                body.append(f"<p>{html.escape(caption)}</p>{html_table(header, rows)}")
-                md += [f"**{caption}**", "", markdown(header, rows), ""]
+                if primary in r.metrics():
+                    header, rows = summary_table(r, primary, with_theory=True)
+                    caption = f"{r.name}: {primary}, mean ± 95% CI over {len(r.seeds)} seed(s) ({r.manifest.get('status')})"
+                    body.append(f"<p>{html.escape(caption)}</p>{html_table(header, rows)}")
+                    md += [f"**{caption}**", "", markdown(header, rows), ""]
+        for r in fruns:
+            mine = [m for m in others if m in r.metrics()]
+            if not mine:
+                continue
+            png = f"{family}-run{runs.index(r)}-metrics.png"
+            plot_run_metrics(r, mine, out / png)
+            header, rows = final_table(r, mine)
+            caption = f"{r.name}: every other metric"
+            body.append(f"<h3>{html.escape(caption)}</h3><img src='{png}' style='max-width:100%'>{html_table(header, rows)}")
+            md += [f"### {caption}", "", f"![{caption}]({png})", "", markdown(header, rows), ""]
         for r in fruns:
             section = samples_section(r, out, runs.index(r))
             if section:
