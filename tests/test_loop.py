@@ -42,6 +42,8 @@ def test_run_directory_follows_the_contract(tmp_path):
         for n in range(1, 5):
             gen = out / label / "seed-2" / f"gen-{n}"
             assert (gen / "w_hat.npy").exists() and (gen / "metrics.json").exists()
+            resources = read_json(gen / "resources.json")
+            assert resources["seconds"] >= 0 and resources["peak_rss_mb"] > 0
             assert (gen / "synthetic_y.npy").exists() == (n < 4)  # the last model need not sample
     grown = np.load(out / "replace-grown" / "seed-0" / "gen-2" / "synthetic_y.npy")
     assert len(grown) == 3 * 12  # generation 3 of replace-grown trains on 3·T samples of model 2

@@ -26,13 +26,33 @@ from tqdm.auto import tqdm
 from modelcollapse.config import ExperimentConfig, PolicySpec, family_module, resolve_device
 from modelcollapse.policies import synthetic_size, training_set
 from modelcollapse.seeding import stream_seed
-from modelcollapse.store import RunDir, atomic_save_npy
+from modelcollapse.store import RunDir, atomic_save_npy, atomic_write_json
 
 SHARED = "*"  # the policy key of generation 1's streams, which every policy shares
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("MODELCOLLAPSE_CACHE", Path.home() / ".cache" / "modelcollapse"))
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-memory window (Linux: writing 5 to clear_refs resets VmHWM), so each generation's
+    resources.json shows its own peak, not the process's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory since the last reset, in MiB (None where /proc is not there)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def make_family(cfg: ExperimentConfig):
@@ -107,6 +127,7 @@ def run_chain(family, store: RunDir, cfg: ExperimentConfig, policy: PolicySpec, 
             return stream_seed(seed, key if generation == n else policy.label, generation, purpose)
 
         t0 = time.perf_counter()
+        reset_peak_rss()
         train = training_set(
             policy, n, pool, family, seed_for("policy"), fresh_real=lambda: family.real_data("train", seed, draw=n - 1)
         )
@@ -119,6 +140,7 @@ def run_chain(family, store: RunDir, cfg: ExperimentConfig, policy: PolicySpec, 
             size = synthetic_size(policy, n + 1, family.size(real))
             pool.append(family.sample(model, size, real, seed_for("sample", n + 1), gen_dir))
         rows = [dict(policy=policy.label, seed=seed, iteration=n, metric=k, value=float(v)) for k, v in metrics.items()]
+        atomic_write_json(gen_dir / "resources.json", {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": peak_rss_mb()})
         store.finish(gen_dir, rows)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         line = f"{policy.label} seed {seed} gen {n}/{N}: {shown} ({time.perf_counter() - t0:.1f}s)"
