@@ -8,6 +8,18 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The tests' models are tiny: one intra-op thread is faster than two, and far faster when the machine's
+    two cores are shared with other jobs (two threads then wait on each other)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
     """Every test gets a cache of its own, so no test reads another's (or the user's) caches."""

@@ -40,14 +40,6 @@ TINY = dict(min_atoms=8, max_atoms=16, confs_per_mol=3, test_molecules=3, hidden
             diffusion_steps=100, train_steps=30, batch_size=8, lr=3e-3, sample_steps=10, eval_draws=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # two cores shared with other jobs: one intra-op thread is several times faster than two fighting
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def smiles_file(tmp_path_factory):

@@ -24,14 +24,6 @@ TINY = dict(  # a model and data small enough to train in a few seconds on 2 cor
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Models this small run faster on one thread than on two, and far faster on a machine shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # -- stories and the split --------------------------------------------------------------------------------
 

@@ -22,14 +22,6 @@ from modelcollapse.store import read_metrics
 TINY = dict(dataset="digits", channels=[16, 32], latent_dim=8, epochs=20, batch_size=64, lr=3e-3, classifier_steps=300)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # two cores shared with other jobs: one intra-op thread is several times faster than two fighting
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
