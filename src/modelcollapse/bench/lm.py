@@ -120,11 +120,13 @@ def lm_train(repeats: int = 7, quick: bool = False, compile: bool = True, tokens
     return rows
 
 
-def lm_sample(repeats: int = 3, quick: bool = False, batches: tuple[int, ...] = (64, 256), new_tokens: int | None = None) -> list[dict]:
-    """Sampling tokens/s from BOS, ours vs HF generate, for each shape and batch size."""
+def lm_sample(repeats: int = 3, quick: bool = False, batches: tuple[int, ...] = (64, 256), new_tokens: int | None = None,
+              compile: bool = True) -> list[dict]:
+    """Sampling tokens/s from BOS, ours vs HF generate, for each shape and batch size; `compile`:
+    torch.compile our decoding step (LM.generate(compile=True))."""
     shapes = SHAPES[:1] if quick else SHAPES
     if quick:
-        repeats, batches, new_tokens = 1, (16,), 8
+        repeats, batches, new_tokens, compile = 1, (16,), 8, False
     peak = matmul_peak(seconds=0.2 if quick else 2.0)
     rows = []
     for s in shapes:
@@ -137,7 +139,7 @@ def lm_sample(repeats: int = 3, quick: bool = False, batches: tuple[int, ...] = 
         # equal: greedy continuations are identical
         idx = torch.full((4, 1), bos)
         greedy = min(n_new, 32)
-        g_ours = ours.generate(idx, greedy, temperature=0)
+        g_ours = ours.generate(idx, greedy, temperature=0, compile=compile)
         with torch.no_grad():
             g_hf = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=greedy, min_new_tokens=greedy)
         equal = torch.equal(g_ours, g_hf)
@@ -147,7 +149,7 @@ def lm_sample(repeats: int = 3, quick: bool = False, batches: tuple[int, ...] = 
             torch.manual_seed(0)  # HF samples from the global generator
 
             def run_ours():
-                ours.generate(idx, n_new, temperature=1.0, generator=gen)
+                ours.generate(idx, n_new, temperature=1.0, generator=gen, compile=compile)
 
             def run_hf():
                 with torch.no_grad():
@@ -161,7 +163,7 @@ def lm_sample(repeats: int = 3, quick: bool = False, batches: tuple[int, ...] = 
             rows.append({
                 "bench": "lm-sample", "ours": tps_ours, "baseline": tps_base, "unit": "tokens/s",
                 "ratio": median_ratio(t_ours, t_base), "equal": equal, "shape": shape_name(c), "batch": B,
-                "new_tokens": n_new, "mfu_ours": tps_ours * flops / peak, "mfu_baseline": tps_base * flops / peak,
+                "new_tokens": n_new, "compile": compile, "mfu_ours": tps_ours * flops / peak, "mfu_baseline": tps_base * flops / peak,
                 "matmul_peak_gflops": peak / 1e9, "threads": torch.get_num_threads(),
             })
     return rows

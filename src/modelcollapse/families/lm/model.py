@@ -111,31 +111,27 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """One layer's keys and values, preallocated at (B, nh, max_len, hs) on the first write and filled
-    left to right, so a decoding step writes one slot instead of growing the cache with torch.cat."""
+    """One layer's keys and values, preallocated at (B, nh, max_len, hs) and written by position, so a
+    decoding step writes one slot instead of growing the cache with torch.cat."""
 
-    def __init__(self, max_len: int):
-        self.max_len, self.len = max_len, 0
-        self.k = self.v = None
+    def __init__(self, B: int, n_head: int, max_len: int, hs: int, dtype, device):
+        self.k = torch.empty(B, n_head, max_len, hs, dtype=dtype, device=device)
+        self.v = torch.empty(B, n_head, max_len, hs, dtype=dtype, device=device)
 
-    def update(self, k, v):
-        """Append k, v (B, nh, T, hs); return every key and value so far (views, no copy)."""
-        if self.k is None:
-            B, nh, _, hs = k.shape
-            self.k = k.new_empty(B, nh, self.max_len, hs)
-            self.v = v.new_empty(B, nh, self.max_len, hs)
+    def update(self, k, v, pos: int):
+        """Write k, v (B, nh, T, hs) at positions pos .. pos + T - 1; return every key and value up to there
+        (views, no copy)."""
         T = k.size(2)
-        self.k[:, :, self.len : self.len + T] = k
-        self.v[:, :, self.len : self.len + T] = v
-        self.len += T
-        return self.k[:, :, : self.len], self.v[:, :, : self.len]
+        self.k[:, :, pos : pos + T] = k
+        self.v[:, :, pos : pos + T] = v
+        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]
 
-    def keep(self, rows):
-        """Drop the batch rows not in `rows` (finished documents), copying only the filled slots."""
+    def keep(self, rows, length: int):
+        """Drop the batch rows not in `rows` (finished documents), copying only the first `length` slots."""
         for name in ("k", "v"):
             old = getattr(self, name)
             new = old.new_empty(len(rows), *old.shape[1:])
-            new[:, :, : self.len] = old[rows, :, : self.len]
+            new[:, :, :length] = old[rows, :, :length]
             setattr(self, name, new)
 
 
@@ -149,7 +145,7 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None):
+    def forward(self, x, rope=None, cache: KVCache | None = None, pos: int = 0):
         B, T, C = x.size()
         nh = self.n_head
         qkv = self.qkv(x).view(B, T, 3 * nh, self.hs)
@@ -157,7 +153,7 @@ class Attention(nn.Module):
         q, k = qk.transpose(1, 2).split(nh, dim=1)  # (B, nh, T, hs) each
         v = qkv[:, :, 2 * nh :].transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
-            k, v = cache.update(k, v)  # (B, nh, L, hs): every key so far
+            k, v = cache.update(k, v, pos)  # (B, nh, L, hs): every key so far
         if cache is not None and T == 1:
             # one query per row attends to the whole cache: two batched matmuls beat the flash kernel on a
             # strided view of the preallocated cache
@@ -205,8 +201,8 @@ class Block(nn.Module):
         self.norm2 = norm(config)
         self.mlp = MLP(config) if config.arch == "gpt2" else SwiGLU(config)
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.attn(self.norm1(x), rope, cache)
+    def forward(self, x, rope=None, cache=None, pos: int = 0):
+        x = x + self.attn(self.norm1(x), rope, cache, pos)
         return x + self.mlp(self.norm2(x))
 
 
@@ -235,6 +231,45 @@ def sample_tokens(logits, u, temperature: float = 1.0, top_k: int | None = None,
         mass = cdf.gather(1, cut)
     tok = torch.searchsorted(cdf, u[:, None].to(cdf.dtype) * mass, right=True).clamp_(max=last)  # (B, 1)
     return (tok if ids is None else ids.gather(1, tok)).squeeze(1)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the output head's logits x @ w.T (x (N, C), w (V, C)) against targets (N,)
+    (-1: ignored), a chunk of rows at a time, with both gradients formed in the same pass: softmax - one-hot,
+    folded straight into grad_x and grad_w. On the CPU every fresh (N, V) buffer (logits, log-softmax, their
+    gradients: 64 MB each at N = 4096, V = 4096) comes from the OS page by page, ~15 ms apiece; these 8 MB
+    chunks are reused instead (~10% of a small model's training step)."""
+
+    @staticmethod
+    def forward(ctx, x, w, targets):
+        valid = targets != -1
+        n = valid.sum()
+        need_x, need_w = ctx.needs_input_grad[:2]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros_like(w) if need_w else None
+        total = x.new_zeros(())
+        chunk = max(1, 2**21 // w.size(0))  # rows whose logits fill 8 MB
+        for i in range(0, x.size(0), chunk):
+            xc, vc = x[i : i + chunk], valid[i : i + chunk]
+            tc = targets[i : i + chunk].clamp(min=0)[:, None]  # (n, 1); ignored rows point at token 0, weight 0
+            logits = xc @ w.t()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += ((lse - logits.gather(1, tc).squeeze(1)) * vc).sum()
+            if need_x or need_w:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                g.scatter_add_(1, tc, torch.full_like(tc, -1, dtype=g.dtype))  # minus the one-hot target
+                g.mul_((vc / n)[:, None])  # d(mean loss) / d(logits); ignored rows get 0
+                if need_x:
+                    torch.mm(g, w, out=grad_x[i : i + chunk])
+                if need_w:
+                    grad_w.addmm_(g.t(), xc)
+        ctx.save_for_backward(grad_x, grad_w)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x, grad_w = ctx.saved_tensors
+        return (None if grad_x is None else grad_x * grad), (None if grad_w is None else grad_w * grad), None
 
 
 class LM(nn.Module):
@@ -288,18 +323,20 @@ class LM(nn.Module):
             rope = (self.rope_cos[pos : pos + T].to(x.dtype), self.rope_sin[pos : pos + T].to(x.dtype))
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, None if caches is None else caches[i])
+            x = block(x, rope, None if caches is None else caches[i], pos)
         return self.norm(x)
 
     def forward(self, idx, targets=None):
-        """Logits (B, T, V) for tokens idx (B, T); with targets (B, T) (already shifted: targets[:, t] is the
-        token after idx[:, t]; -1 = not a target), also the mean cross-entropy in nats over the targets."""
-        logits = self.lm_head(self._trunk(idx))  # (B, T, V)
+        """(logits (B, T, V), None) for tokens idx (B, T). With targets (B, T), already shifted (targets[:, t]
+        is the token after idx[:, t]; -1: not a target): (None, mean cross-entropy in nats over the targets),
+        the logits never materialised whole."""
+        x = self._trunk(idx)  # (B, T, C)
         if targets is None:
-            return logits, None
-        # shifted targets from the caller: no sliced copy of the (B, T, V) logits, unlike labels shifted here
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            return self.lm_head(x), None
+        x, targets = x.view(-1, x.size(-1)), targets.reshape(-1)  # shifted by the caller: no sliced copies
+        if x.device.type == "cpu":
+            return None, ChunkedCrossEntropy.apply(x, self.lm_head.weight, targets)
+        return None, F.cross_entropy(self.lm_head(x), targets, ignore_index=-1)  # CUDA's caching allocator reuses
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float]):
         """AdamW decaying only the matrices (weights, embeddings), not norms or biases, as nanoGPT does;
@@ -311,9 +348,16 @@ class LM(nn.Module):
         ]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
 
+    def _next_tokens(self, x, pos: int, caches: list[KVCache], u, temperature: float, top_k, top_p):
+        """One decoding step: tokens x (B, T) at positions pos.., their keys and values cached; the next token
+        of every row, sampled with uniforms u (B,)."""
+        h = self._trunk(x, pos, caches)[:, -1]  # (B, C): only the last position is sampled from
+        return sample_tokens(self.lm_head(h), u, temperature, top_k, top_p)
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_id: int | None = None, generator: torch.Generator | None = None):
+                 top_p: float | None = None, eos_id: int | None = None, generator: torch.Generator | None = None,
+                 compile: bool = False):
         """Continue every row of idx (B, T0) (e.g. a column of BOS) by up to max_new_tokens sampled tokens,
         batched, with a KV cache preallocated for T0 + max_new_tokens positions.
 
@@ -321,20 +365,25 @@ class LM(nn.Module):
         is filled with eos_id after it, and steps stops early when every row has. Rows that finished are
         dropped from the batch once they are a quarter of it, so long documents do not keep short ones
         computing. Every step draws one uniform per original row from `generator`, whether the row is still
-        running or not, so a row's tokens depend only on the generator's seed and its own history."""
+        running or not, so a row's tokens depend only on the generator's seed and its own history.
+        compile: torch.compile the decoding step (one graph for every step and batch size; worth it for long
+        sampling runs, ~1 min to compile on a small CPU)."""
         B, T0 = idx.size()
-        if T0 + max_new_tokens > self.config.block_size:
+        L = T0 + max_new_tokens
+        if L > self.config.block_size:
             raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceed block_size {self.config.block_size}")
-        out = idx.new_full((B, T0 + max_new_tokens), 0 if eos_id is None else eos_id)
+        c, dev = self.config, idx.device
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.lm_head.weight.dtype
+        caches = [KVCache(B, c.n_head, L, c.n_embd // c.n_head, dtype, dev) for _ in self.blocks]
+        step = torch.compile(self._next_tokens, dynamic=True) if compile else self._next_tokens
+        out = idx.new_full((B, L), 0 if eos_id is None else eos_id)
         out[:, :T0] = idx
-        caches = [KVCache(T0 + max_new_tokens) for _ in self.blocks]
-        rows = torch.arange(B, device=idx.device)  # the rows of `out` the running batch holds
-        ended = torch.zeros(B, dtype=torch.bool, device=idx.device)  # per running row: sampled eos_id
+        rows = torch.arange(B, device=dev)  # the rows of `out` the running batch holds
+        ended = torch.zeros(B, dtype=torch.bool, device=dev)  # per running row: sampled eos_id
         x, pos, steps = idx, 0, 0
         for t in range(max_new_tokens):
-            h = self._trunk(x, pos, caches)[:, -1]  # (b, C): only the last position is sampled from
-            u = torch.rand(B, device=idx.device, generator=generator)
-            nxt = sample_tokens(self.lm_head(h), u[rows], temperature, top_k, top_p)  # (b,)
+            u = torch.rand(B, device=dev, generator=generator)
+            nxt = step(x, pos, caches, u[rows], temperature, top_k, top_p)  # (b,)
             out[rows, T0 + t] = nxt
             pos, steps, x = pos + x.size(1), t + 1, nxt[:, None]
             if eos_id is None:
@@ -347,7 +396,7 @@ class LM(nn.Module):
                 keep = (~ended).nonzero().squeeze(1)
                 rows, x, ended = rows[keep], x[keep], ended[keep]
                 for cache in caches:
-                    cache.keep(keep)
+                    cache.keep(keep, pos)
         out = out[:, : T0 + steps]
         if eos_id is not None:  # a dropped-late row may have sampled past its EOS: cut it there
             after = (out[:, T0:] == eos_id).cumsum(dim=1) > 0
