@@ -13,16 +13,6 @@ from modelcollapse.families.lm.model import LM, PRESETS, LMConfig, lm_config, sa
 ARCHS = ["llama2", "gpt2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread. On a 2-core machine shared with other jobs, two OpenMP threads per small op
-    wait on each other and make these tests ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(arch: str, **kw) -> LM:
     torch.manual_seed(0)
     c = dict(arch=arch, vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=16) | kw
