@@ -4,8 +4,10 @@
 - Llama-2 (Touvron et al. 2023): RoPE, RMSNorm, SwiGLU MLP, no biases.
 
 Everything else is shared: fused q/k/v projection, causal scaled-dot-product attention, pre-norm residual
-blocks, (tied) token embedding and output head, nanoGPT's init and optimizer groups, and a batched sampler
-with a preallocated KV cache. References:
+blocks, (tied) token embedding and output head, nanoGPT's init and optimizer groups. Two parts are there for
+speed on a small CPU: the training loss is computed in row chunks with its gradients (ChunkedCrossEntropy),
+and `LM.generate` samples a batch of documents with a preallocated KV cache and an inverse-CDF sampler
+(`sample_tokens`), optionally torch.compiled. References:
 1) nanoGPT, Karpathy: https://github.com/karpathy/nanoGPT/blob/master/model.py
 2) llama2.c, Karpathy (the Llama-2 shapes trained on TinyStories): https://github.com/karpathy/llama2.c
 3) Hugging Face transformers' GPT2LMHeadModel and LlamaForCausalLM, whose layouts export.py maps onto.
@@ -107,6 +109,7 @@ def apply_rope(x, cos, sin):
     """Rotate channel pairs (i, i + hs/2) of x (B, T, nh, hs) by position; cos, sin: (T, 1, hs). This
     split-halves layout is Hugging Face Llama's, so exported q/k weights need no permutation."""
     x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # bf16 under CUDA autocast; the angles are kept in float32
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
@@ -153,6 +156,7 @@ class Attention(nn.Module):
         q, k = qk.transpose(1, 2).split(nh, dim=1)  # (B, nh, T, hs) each
         v = qkv[:, :, 2 * nh :].transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
+            assert T == 1 or pos == 0, "only a prompt at position 0 is written several tokens at a time"
             k, v = cache.update(k, v, pos)  # (B, nh, L, hs): every key so far
         if cache is not None and T == 1:
             # one query per row attends to the whole cache: two batched matmuls beat the flash kernel on a
@@ -320,7 +324,7 @@ class LM(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device))
         else:
-            rope = (self.rope_cos[pos : pos + T].to(x.dtype), self.rope_sin[pos : pos + T].to(x.dtype))
+            rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T])
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, None if caches is None else caches[i], pos)
