@@ -64,10 +64,50 @@ def _optimizer(model):
     return LM.configure_optimizers(model, weight_decay=0.1, learning_rate=3e-4, betas=(0.9, 0.95))
 
 
+def _row(bench: str, c: LMConfig, n_tok: int, t_ours, t_base, flops_per_token: float, peak: float, **extra) -> dict:
+    tps_ours, tps_base = n_tok / float(np.median(t_ours)), n_tok / float(np.median(t_base))
+    return {
+        "bench": bench, "ours": tps_ours, "baseline": tps_base, "unit": "tokens/s", "ratio": median_ratio(t_ours, t_base),
+        **extra, "shape": shape_name(c), "mfu_ours": tps_ours * flops_per_token / peak,
+        "mfu_baseline": tps_base * flops_per_token / peak, "matmul_peak_gflops": peak / 1e9, "threads": torch.get_num_threads(),
+    }
+
+
+def _train_steps(forward, model, opt, n: int) -> None:
+    """n steps of the loop both sides share: loss, backward, clip to 1.0, AdamW."""
+    for _ in range(n):
+        forward().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def train_row(c: LMConfig, B: int, repeats: int, steps_per_call: int, compile: bool, peak: float) -> dict:
+    ours, hf = pair(c)
+    T = c.block_size
+    tok = torch.randint(0, c.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(1))
+    x, y = tok[:, :T], tok[:, 1:]
+    # equal: the same loss on the same weights (HF shifts labels inside, dropping the last target)
+    y_hf = y.clone()
+    y_hf[:, -1] = -1
+    with torch.no_grad():
+        loss_ours, loss_hf = float(ours(x, y_hf)[1]), float(hf(input_ids=x, labels=x).loss)
+    ours.train(), hf.train()
+    opt_ours, opt_hf = _optimizer(ours), _optimizer(hf)
+    f_ours = torch.compile(ours) if compile else ours
+    step_ours = lambda: _train_steps(lambda: f_ours(x, y)[1], ours, opt_ours, steps_per_call)
+    step_hf = lambda: _train_steps(lambda: hf(input_ids=x, labels=x).loss, hf, opt_hf, steps_per_call)
+    step_ours()  # an extra warm-up: compilation happens here
+    t_ours, t_base = paired_times(step_ours, step_hf, repeats)
+    flops = 6 * matmul_params(c) + 12 * c.n_layer * c.n_embd * T
+    return _row("lm-train", c, B * T * steps_per_call, t_ours, t_base, flops, peak, equal=abs(loss_ours - loss_hf) <= 1e-4,
+                loss_ours=loss_ours, loss_baseline=loss_hf, batch=B, compile=compile)
+
+
 def lm_train(repeats: int = 7, quick: bool = False, compile: bool = True, tokens_per_step: int = 4096,
              steps_per_call: int = 2) -> list[dict]:
-    """Training tokens/s, ours vs LlamaForCausalLM, for each shape; `compile`: torch.compile our model
-    (the family's `compile` flag does the same in training)."""
+    """Training tokens/s, ours vs LlamaForCausalLM, for each shape, `tokens_per_step` tokens a step;
+    `compile`: torch.compile our model (the family's `compile` flag does the same in training)."""
     shapes = SHAPES[:1] if quick else SHAPES
     if quick:
         repeats, steps_per_call, compile, tokens_per_step = 1, 1, False, 512
@@ -75,55 +115,39 @@ def lm_train(repeats: int = 7, quick: bool = False, compile: bool = True, tokens
     rows = []
     for s in shapes:
         c = LMConfig(arch="llama2", **s)
-        T, B = c.block_size, max(1, tokens_per_step // c.block_size)
-        ours, hf = pair(c)
-        g = torch.Generator().manual_seed(1)
-        tok = torch.randint(0, c.vocab_size, (B, T + 1), generator=g)
-        x, y = tok[:, :T], tok[:, 1:]
-        # equal: the same loss on the same weights (HF shifts labels inside, dropping the last target)
-        y_hf = y.clone()
-        y_hf[:, -1] = -1
-        with torch.no_grad():
-            loss_ours, loss_hf = float(ours(x, y_hf)[1]), float(hf(input_ids=x, labels=x).loss)
-        ours.train(), hf.train()
-        opt_ours, opt_hf = _optimizer(ours), _optimizer(hf)
-        f_ours = torch.compile(ours) if compile else ours
-
-        def step_ours():
-            for _ in range(steps_per_call):
-                _, loss = f_ours(x, y)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
-                opt_ours.step()
-                opt_ours.zero_grad(set_to_none=True)
-
-        def step_hf():
-            for _ in range(steps_per_call):
-                loss = hf(input_ids=x, labels=x).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-                opt_hf.step()
-                opt_hf.zero_grad(set_to_none=True)
-
-        step_ours()  # an extra warm-up: compilation happens here
-        t_ours, t_base = paired_times(step_ours, step_hf, repeats)
-        n_tok = B * T * steps_per_call
-        flops = 6 * matmul_params(c) + 12 * c.n_layer * c.n_embd * T
-        tps_ours, tps_base = n_tok / float(np.median(t_ours)), n_tok / float(np.median(t_base))
-        rows.append({
-            "bench": "lm-train", "ours": tps_ours, "baseline": tps_base, "unit": "tokens/s",
-            "ratio": median_ratio(t_ours, t_base), "equal": abs(loss_ours - loss_hf) <= 1e-4,
-            "loss_ours": loss_ours, "loss_baseline": loss_hf, "shape": shape_name(c), "batch": B,
-            "compile": compile, "mfu_ours": tps_ours * flops / peak, "mfu_baseline": tps_base * flops / peak,
-            "matmul_peak_gflops": peak / 1e9, "threads": torch.get_num_threads(),
-        })
+        rows.append(train_row(c, max(1, tokens_per_step // c.block_size), repeats, steps_per_call, compile, peak))
     return rows
+
+
+def greedy_equal(ours: LM, hf, n_new: int, compile: bool, bos: int = 1) -> bool:
+    """Whether greedy continuations of 4 rows from BOS are identical."""
+    idx = torch.full((4, 1), bos)
+    with torch.no_grad():
+        theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new)
+    return torch.equal(ours.generate(idx, n_new, temperature=0, compile=compile), theirs)
+
+
+def sample_row(ours: LM, hf, B: int, n_new: int, repeats: int, compile: bool, peak: float, bos: int = 1) -> dict:
+    c = ours.config
+    idx = torch.full((B, 1), bos)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # HF samples from the global generator
+    run_ours = lambda: ours.generate(idx, n_new, temperature=1.0, generator=gen, compile=compile)
+
+    def run_hf():
+        with torch.no_grad():
+            hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                        max_new_tokens=n_new, min_new_tokens=n_new)
+
+    t_ours, t_base = paired_times(run_ours, run_hf, repeats)
+    flops = 2 * matmul_params(c) + 4 * c.n_layer * c.n_embd * (1 + n_new / 2)  # attention at the mean context
+    return _row("lm-sample", c, B * n_new, t_ours, t_base, flops, peak, batch=B, new_tokens=n_new, compile=compile)
 
 
 def lm_sample(repeats: int = 3, quick: bool = False, batches: tuple[int, ...] = (64, 256), new_tokens: int | None = None,
               compile: bool = True) -> list[dict]:
-    """Sampling tokens/s from BOS, ours vs HF generate, for each shape and batch size; `compile`:
-    torch.compile our decoding step (LM.generate(compile=True))."""
+    """Sampling tokens/s from BOS (255 new tokens, or `new_tokens`), ours vs HF generate, for each shape and
+    batch size; `compile`: torch.compile our decoding step (LM.generate(compile=True))."""
     shapes = SHAPES[:1] if quick else SHAPES
     if quick:
         repeats, batches, new_tokens, compile = 1, (16,), 8, False
@@ -135,35 +159,6 @@ def lm_sample(repeats: int = 3, quick: bool = False, batches: tuple[int, ...] = 
         ours, hf = pair(c)
         ours.eval()
         hf.generation_config.pad_token_id = 0
-        bos = 1
-        # equal: greedy continuations are identical
-        idx = torch.full((4, 1), bos)
-        greedy = min(n_new, 32)
-        g_ours = ours.generate(idx, greedy, temperature=0, compile=compile)
-        with torch.no_grad():
-            g_hf = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=greedy, min_new_tokens=greedy)
-        equal = torch.equal(g_ours, g_hf)
-        for B in batches:
-            idx = torch.full((B, 1), bos)
-            gen = torch.Generator().manual_seed(0)
-            torch.manual_seed(0)  # HF samples from the global generator
-
-            def run_ours():
-                ours.generate(idx, n_new, temperature=1.0, generator=gen, compile=compile)
-
-            def run_hf():
-                with torch.no_grad():
-                    hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                                max_new_tokens=n_new, min_new_tokens=n_new)
-
-            t_ours, t_base = paired_times(run_ours, run_hf, repeats)
-            n_tok = B * n_new
-            flops = 2 * matmul_params(c) + 4 * c.n_layer * c.n_embd * (1 + n_new / 2)  # mean context
-            tps_ours, tps_base = n_tok / float(np.median(t_ours)), n_tok / float(np.median(t_base))
-            rows.append({
-                "bench": "lm-sample", "ours": tps_ours, "baseline": tps_base, "unit": "tokens/s",
-                "ratio": median_ratio(t_ours, t_base), "equal": equal, "shape": shape_name(c), "batch": B,
-                "new_tokens": n_new, "compile": compile, "mfu_ours": tps_ours * flops / peak, "mfu_baseline": tps_base * flops / peak,
-                "matmul_peak_gflops": peak / 1e9, "threads": torch.get_num_threads(),
-            })
+        equal = greedy_equal(ours, hf, min(n_new, 32), compile)
+        rows += [{**sample_row(ours, hf, B, n_new, repeats, compile, peak), "equal": equal} for B in batches]
     return rows

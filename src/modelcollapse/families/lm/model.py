@@ -316,7 +316,7 @@ class LM(nn.Module):
 
     def _trunk(self, idx, pos: int = 0, caches: list[KVCache] | None = None):
         """The final-norm hidden states (B, T, C) of tokens idx (B, T) at positions pos .. pos + T - 1."""
-        B, T = idx.size()
+        T = idx.size(1)
         if pos + T > self.config.block_size:
             raise ValueError(f"positions up to {pos + T} exceed block_size {self.config.block_size}")
         x = self.tok_emb(idx)  # (B, T, C)
