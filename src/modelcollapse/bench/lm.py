@@ -114,6 +114,7 @@ def lm_train(repeats: int = 7, quick: bool = False, compile: bool = True, tokens
     peak = matmul_peak(seconds=0.2 if quick else 2.0)
     rows = []
     for s in shapes:
+        torch._dynamo.reset()  # each shape compiles afresh, within dynamo's per-function cache limit
         c = LMConfig(arch="llama2", **s)
         rows.append(train_row(c, max(1, tokens_per_step // c.block_size), repeats, steps_per_call, compile, peak))
     return rows
@@ -154,6 +155,7 @@ def lm_sample(repeats: int = 3, quick: bool = False, batches: tuple[int, ...] = 
     peak = matmul_peak(seconds=0.2 if quick else 2.0)
     rows = []
     for s in shapes:
+        torch._dynamo.reset()  # each shape compiles afresh, within dynamo's per-function cache limit
         c = LMConfig(arch="llama2", **s)
         n_new = new_tokens or min(c.block_size - 1, 255)
         ours, hf = pair(c)
