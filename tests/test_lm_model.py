@@ -120,9 +120,8 @@ def test_generate_is_deterministic_given_the_generator_and_stops_at_eos():
     # every row ended: generation stopped before the step limit
     short = tiny("llama2", vocab_size=12, tie_embeddings=False)
     with torch.no_grad():
-        short.lm_head.weight.zero_()
-        short.lm_head.weight[5] = 1.0  # EOS is always the likeliest token at temperature 0
-    assert torch.equal(short.generate(bos, 25, temperature=0, eos_id=5), torch.tensor([[0, 5]] * 32))
+        short.lm_head.weight.zero_()  # every logit 0: greedy takes the first token, 0, as EOS here
+    assert torch.equal(short.generate(bos + 1, 25, temperature=0, eos_id=0), torch.tensor([[1, 0]] * 32))
 
 
 def test_generate_rejects_positions_past_block_size():
