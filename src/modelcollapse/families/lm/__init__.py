@@ -65,7 +65,7 @@ class Config(BaseModel):
     grad_clip: float = Field(1.0, ge=0.0, description="clip the gradient norm to this (0: no clipping)")
     epochs: int = Field(1, ge=1, description="passes over each generation's training set (the paper: 1)")
     checkpoint_every: int = Field(1000, ge=1, description="steps between mid-training checkpoints")
-    compile: bool = Field(False, description="torch.compile the model for training")
+    compile: bool = Field(False, description="torch.compile the model for training and the decoding step for sampling")
     # sampling and evaluation
     temperature: float = Field(1.0, gt=0.0, le=10.0, description="sampling temperature (the paper: 1.0, or 0.3)")
     top_k: int | None = Field(None, ge=1, description="sample from the k most likely tokens only (None: all)")

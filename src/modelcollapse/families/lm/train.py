@@ -178,7 +178,8 @@ def generate_docs(model: LM, n: int, cfg, bos: int, eos: int, generator: torch.G
     idx = torch.full((n, 1), bos, dtype=torch.long, device=device)
     with autocast(device):
         out = model.generate(
-            idx, cfg.max_sample_len - 1, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eos, generator=generator
+            idx, cfg.max_sample_len - 1, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eos, generator=generator,
+            compile=cfg.compile,
         )
     docs = []
     for row in out.cpu().numpy():
