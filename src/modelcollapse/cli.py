@@ -16,6 +16,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Model-fitting feedback loops, and whether the models collapse.")
 
 
+class Backend(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class Scale(str, Enum):
     quick = "quick"
     cpu = "cpu"
@@ -27,15 +32,24 @@ def run(
     config: Path = typer.Argument(..., help="experiment config (TOML)"),
     out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/<name>); resumed if present"),
     set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set linreg.T=50"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes on this node (launched as torchrun does; lm only)"),
 ):
     """Run one experiment: every policy, seed and iteration of CONFIG."""
     from modelcollapse import config as configlib
+    from modelcollapse import distributed
     from modelcollapse.loop import run_experiment
 
     cfg = configlib.load(config, set_)
     out = out or Path("runs") / cfg.name
+    if nproc > 1:
+        if distributed.launched():
+            raise BadInput("--nproc cannot be used inside torchrun, which has already started the processes")
+        distributed.check_world(cfg, nproc)  # bad input is found here, before any process starts
+        configlib.resolve_device(cfg.device)
+        raise typer.Exit(distributed.launch(nproc, ["run", str(config), "--out", str(out), *(a for s in set_ for a in ("--set", s))]))
     run_experiment(cfg, out)
-    typer.echo(f"done: {out}")
+    if distributed.is_writer():
+        typer.echo(f"done: {out}")
 
 
 @app.command()
@@ -85,15 +99,19 @@ def sweep(
     sweep_file: Path = typer.Argument(..., help="sweep file: [base] config and a [grid] of overrides"),
     out: Path = typer.Option(..., "--out", help="sweep directory; each cell is a run directory inside it"),
     set_: list[str] = typer.Option([], "--set", help="override a key of the base config"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="cells at once (local, default 1) or the CPUs of a local Ray instance (default all)"),
+    backend: Backend = typer.Option(Backend.local, "--backend", help="local: child processes here; ray: a Ray task per cell"),
+    address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster (e.g. auto) instead of starting a local one"),
 ):
-    """Run every cell of a sweep, one after another; a failed cell does not stop the others."""
+    """Run every cell of a sweep; finished cells are skipped, a failed cell does not stop the others."""
     from modelcollapse.sweep import run_sweep
 
-    results = run_sweep(sweep_file, out, set_)
-    failed = [(c, s) for c, s in results if s != "done"]
-    for cell, status in failed:
-        typer.echo(f"cell {cell.name}: {status}", err=True)
-    typer.echo(f"done: {len(results) - len(failed)}/{len(results)} cells in {out}")
+    results = run_sweep(sweep_file, out, set_, workers=workers, backend=backend.value, address=address)
+    failed = [c for c, status in results if status != "done"]
+    for cell in failed:
+        typer.echo(f"failed: {cell.name} ({cell.status}): {cell.error}  [log: {out / 'logs' / (cell.name + '.log')}]", err=True)
+    skipped = sum(c.skipped for c, _ in results)
+    typer.echo(f"done: {len(results) - len(failed)}/{len(results)} cells ({skipped} already done) in {out}")
     if failed:
         raise typer.Exit(1)
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from modelcollapse.errors import BadInput
 
+RESOURCE_KEYS = ("cpus", "gpus")  # scheduling only: outside the config hash
 POLICY_NAMES = ("replace", "accumulate", "replace-grown", "accumulate-subsample", "mix", "fresh")
 
 
@@ -49,6 +50,8 @@ class ExperimentConfig(BaseModel):
     iterations: int = Field(ge=1, description="model-fitting iterations; 1 = fit on real data only")
     seeds: list[int] = Field(description="an int n means seeds 0..n-1; a list names them")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpus: int = Field(1, ge=1, description="CPUs a sweep reserves for this run on Ray (its threads there)")
+    gpus: float = Field(0.0, ge=0.0, description="GPUs a sweep reserves for this run on Ray; a fraction shares one")
     _family_config: Any = PrivateAttr(None)
 
     @property
@@ -97,7 +100,9 @@ class ExperimentConfig(BaseModel):
         return out
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()[:16]
+        """What the run computes, not where: the resource keys stay out, so old run dirs still resume."""
+        what = {k: v for k, v in self.resolved().items() if k not in RESOURCE_KEYS}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def family_module(name: str):

@@ -6,19 +6,40 @@
     [grid]
     "linreg.T" = [20, 50, 111]  # any config key; cells are the cross product
 
-Cells run one after another into DIR/<cell>/, e.g. DIR/T-20/; running the sweep again resumes them.
+The sweep directory:
+
+    DIR/<cell>/                     an ordinary run directory, e.g. DIR/T-20/ (`run`, `report`, resume work on it)
+    DIR/configs/<cell>.toml         the cell's config, as `modelcollapse run` reads it
+    DIR/logs/<cell>.log             the cell's output, every attempt appended
+    DIR/sweep.json                  every cell: overrides, status, error line, log, seconds
+    DIR/results.parquet, .csv       one row per (cell, policy, seed, iteration, metric), a column per grid key
+    DIR/.sweep.lock                 held while a sweep runs: a second sweep into DIR is refused
+
+Cells run as child processes (sweep_backends.py), here or on Ray. Running the sweep again skips finished
+cells and resumes the others by the ordinary resume of `run`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import itertools
+import json
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomli_w
+
 from modelcollapse import config as configlib
 from modelcollapse.errors import BadInput
-from modelcollapse.store import atomic_write_json
+from modelcollapse.store import RunDir, atomic_write_bytes, atomic_write_json, now, read_json, read_metrics
+from modelcollapse.sweep_backends import Job, RayCluster, run_local
+
+BACKENDS = ("local", "ray")
+FAILED = ("failed", "bad-input")
 
 
 @dataclass
@@ -26,6 +47,15 @@ class Cell:
     name: str  # folder name, e.g. "T-20"
     overrides: dict  # {"linreg.T": 20}
     config: configlib.ExperimentConfig
+    raw: dict  # the config as given (TOML values only): what configs/<cell>.toml holds
+    status: str = "pending"  # pending | done | failed | bad-input
+    error: str | None = None  # the line that says why it failed
+    seconds: float | None = None
+    skipped: bool = False  # already done when this sweep began: not launched again
+
+    def record(self) -> dict:
+        return dict(name=self.name, overrides=self.overrides, status=self.status, error=self.error,
+                    seconds=self.seconds, skipped=self.skipped, log=f"logs/{self.name}.log", config=f"configs/{self.name}.toml")
 
 
 def is_sweep(raw: dict) -> bool:
@@ -70,31 +100,113 @@ def load_sweep(path: Path, overrides: list[str] = ()) -> tuple[str, list[Cell]]:
             cfg = configlib.from_dict(raw_cell)
         except BadInput as e:
             raise BadInput(f"sweep cell {name}: {e}") from None
-        cells.append(Cell(name, chosen, cfg))
+        cells.append(Cell(name, chosen, cfg, raw_cell))
     return base["name"], cells
 
 
-def run_sweep(path: Path, out: Path, overrides: list[str] = (), progress: bool | None = None) -> list[tuple[Cell, str]]:
-    """Run every cell; a failed cell is recorded and the others go on. Returns (cell, status) pairs."""
-    from modelcollapse.loop import run_experiment
-    from modelcollapse.store import RunDir
-
-    name, cells = load_sweep(path, overrides)
-    for cell in cells:  # refuse foreign DIRs before any cell runs
-        RunDir.check(Path(out) / cell.name, cell.config.hash())
-    out = Path(out)
+@contextlib.contextmanager
+def sweep_lock(out: Path):
+    """Hold DIR/.sweep.lock for the whole sweep; a second sweep into DIR is bad input."""
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for cell in cells:
+    with open(out / ".sweep.lock", "a") as lock:
         try:
-            run_experiment(cell.config, out / cell.name, progress=progress)
-            results.append((cell, "done"))
-        except BadInput:
-            raise
-        except Exception as e:  # one failed cell does not stop the others
-            results.append((cell, f"failed: {type(e).__name__}: {e}"))
-    atomic_write_json(
-        out / "sweep.json",
-        {"name": name, "cells": [{"name": c.name, "overrides": c.overrides, "status": s} for c, s in results]},
-    )
-    return results
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInput(f"--out {out} is in use by another sweep") from None
+        yield
+
+
+def run_sweep(path: Path, out: Path, overrides: list[str] = (), workers: int | None = None, backend: str = "local",
+              address: str | None = None, progress: bool = True) -> list[tuple[Cell, str]]:
+    """Run every cell not done yet; a failed cell is recorded and the others go on. Returns (cell, status)
+    pairs. Everything that makes it bad input is found before any cell runs."""
+    if backend not in BACKENDS:
+        raise BadInput(f"--backend: must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    if address and backend != "ray":
+        raise BadInput("--address joins a Ray cluster: use it with --backend ray")
+    if workers is not None and workers < 1:
+        raise BadInput(f"--workers: must be at least 1 (got {workers})")
+    if address and workers:
+        raise BadInput("--workers sizes a local Ray instance; the cluster at --address schedules by its own CPUs")
+    name, cells = load_sweep(path, overrides)
+    out = Path(out).absolute()
+    for cell in cells:  # refuse foreign DIRs before any cell runs
+        RunDir.check(out / cell.name, cell.config.hash())
+    jobs = [Job(c.name, str(out / "configs" / f"{c.name}.toml"), str(out / c.name), str(out / "logs" / f"{c.name}.log"),
+                str(Path.cwd()), c.config.cpus, c.config.gpus) for c in cells]
+    cluster = RayCluster(address, workers, jobs) if backend == "ray" else contextlib.nullcontext()
+    created = not out.exists()
+    try:
+        with sweep_lock(out), cluster:
+            for cell in cells:
+                manifest = out / cell.name / "manifest.json"
+                cell.skipped = manifest.exists() and read_json(manifest).get("status") == "done"
+                cell.status = "done" if cell.skipped else "pending"
+                atomic_write_bytes(out / "configs" / f"{cell.name}.toml", tomli_w.dumps(cell.raw).encode())
+            (out / "logs").mkdir(exist_ok=True)
+            write_index(out, name, path, backend, cells)
+            by_name = {c.name: c for c in cells}
+            todo = [job for job in jobs if not by_name[job.name].skipped]
+
+            def done(job: Job, result: dict) -> None:
+                cell = by_name[job.name]
+                cell.status, cell.error, cell.seconds = result["status"], result["error"], result["seconds"]
+                write_index(out, name, path, backend, cells)
+                if progress:
+                    ended = sum(c.status != "pending" and not c.skipped for c in cells)
+                    why = f": {cell.error}" if cell.error else ""
+                    print(f"[{ended}/{len(todo)}] {cell.name}: {cell.status}{why} ({cell.seconds or 0:.1f}s)", file=sys.stderr)
+
+            if backend == "ray":
+                cluster.run(todo, done)
+            else:
+                run_local(todo, workers or 1, done)
+            write_results(out, cells)
+    except BadInput:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)  # bad input leaves nothing behind
+        raise
+    return [(c, c.status) for c in cells]
+
+
+def write_index(out: Path, name: str, path: Path, backend: str, cells: list[Cell]) -> None:
+    atomic_write_json(out / "sweep.json", {"name": name, "sweep_file": str(Path(path).absolute()), "backend": backend,
+                                           "updated": now(), "cells": [c.record() for c in cells]})
+
+
+COLUMNS = ("policy", "seed", "iteration", "metric", "value")
+
+
+def write_results(out: Path, cells: list[Cell]) -> None:
+    """DIR/results.parquet and .csv from every cell's metrics.jsonl (whatever the cell's status: its rows
+    are finished generations), the overridden keys as columns."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    keys = list(cells[0].overrides)
+    cols: dict[str, list] = {k: [] for k in ("cell", *keys, *COLUMNS)}
+    for cell in cells:
+        for row in read_metrics(out / cell.name):
+            cols["cell"].append(cell.name)
+            for k in keys:
+                cols[k].append(cell.overrides[k])
+            for k in COLUMNS:
+                cols[k].append(row[k])
+    types = {"cell": pa.string(), "policy": pa.string(), "seed": pa.int64(), "iteration": pa.int64(),
+             "metric": pa.string(), "value": pa.float64()}
+    table = pa.table({k: pa.array(v, types[k]) if k in types else _column(v) for k, v in cols.items()})
+    for suffix, write in ((".parquet", pq.write_table), (".csv", pacsv.write_csv)):
+        sink = pa.BufferOutputStream()
+        write(table, sink)
+        atomic_write_bytes(out / f"results{suffix}", sink.getvalue().to_pybytes())
+
+
+def _column(values: list):
+    """A grid key's column: its own type where Arrow has one, else text (lists and tables as JSON)."""
+    import pyarrow as pa
+
+    if not any(isinstance(v, (list, dict)) for v in values):
+        with contextlib.suppress(pa.ArrowInvalid, pa.ArrowTypeError):
+            return pa.array(values)
+    return pa.array([v if isinstance(v, str) else json.dumps(v) for v in values], pa.string())

@@ -1,0 +1,135 @@
+"""Where a sweep's cells run: a pool of child processes on this machine, or Ray tasks on a cluster.
+
+Both backends run the same function, `run_cell`: one child process `python -m modelcollapse run CONFIG
+--out RUN_DIR`, its output appended to the cell's log. So a cell is an ordinary run (resumed the ordinary
+way) and gives the same numbers whichever backend ran it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from modelcollapse.errors import BadInput
+from modelcollapse.store import now
+
+RAY_MISSING = "--backend ray needs Ray: pip install modelcollapse[ray]"
+
+
+@dataclass
+class Job:
+    """One cell to launch: absolute paths, so a Ray worker on another node (on a shared disk) finds them."""
+
+    name: str
+    config: str  # the cell's TOML
+    run_dir: str
+    log: str
+    cwd: str  # relative data paths in the config resolve from where the sweep was started
+    cpus: int
+    gpus: float
+
+
+def run_cell(job: Job, threads: str) -> dict:
+    """Run one cell to its end in a child process: {"status": done|bad-input|failed, "error", "seconds"}."""
+    cmd = [sys.executable, "-m", "modelcollapse", "run", job.config, "--out", job.run_dir]
+    env = dict(os.environ, OMP_NUM_THREADS=threads)
+    t0 = time.perf_counter()
+    with open(job.log, "a") as log:
+        log.write(f"=== {now()} OMP_NUM_THREADS={threads} {' '.join(cmd)}\n")
+        log.flush()
+        start = log.tell()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=job.cwd).returncode
+    seconds = round(time.perf_counter() - t0, 3)
+    if rc == 0:
+        return {"status": "done", "error": None, "seconds": seconds}
+    return {"status": "bad-input" if rc == 2 else "failed", "error": error_line(Path(job.log), start, rc), "seconds": seconds}
+
+
+def error_line(log: Path, start: int, rc: int) -> str:
+    """The line that says why this attempt failed: its "error:" line (bad input), else its last line."""
+    if rc < 0:
+        return f"killed by {signal.Signals(-rc).name}"
+    with open(log, "rb") as f:
+        f.seek(max(start, log.stat().st_size - 64_000))  # a traceback's last line is near the end
+        lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    said = [ln for ln in lines if ln.startswith("error: ")] if rc == 2 else lines
+    return said[-1] if said else f"exit code {rc} with an empty log"
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+Done = Callable[[Job, dict], None]  # called in the sweep's own thread as each cell ends
+
+
+def run_local(jobs: list[Job], workers: int, done: Done) -> None:
+    """At most `workers` children at once, each with cpu_count // workers threads unless the user chose."""
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // workers))
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # threads that wait on child processes
+        futures = {pool.submit(run_cell, job, threads): job for job in jobs}
+        for future in as_completed(futures):
+            done(futures[future], future.result())
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise BadInput(RAY_MISSING) from None
+    return ray
+
+
+class RayCluster:
+    """A Ray session for one sweep: joins `address`, or starts a local instance of `workers` CPUs (all by
+    default), and checks that some node can hold every cell before any runs."""
+
+    def __init__(self, address: str | None, workers: int | None, needs: list[Job]):
+        self.ray = import_ray()
+        self.address, self.workers, self.needs = address, workers, needs
+
+    def __enter__(self) -> "RayCluster":
+        ray = self.ray
+        try:
+            if self.address:
+                ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(num_cpus=self.workers or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        except ConnectionError as e:
+            raise BadInput(f"--address {self.address}: no Ray cluster reachable ({first_line(e)})") from None
+        nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+        for job in self.needs:
+            if not any(r.get("CPU", 0) >= job.cpus and r.get("GPU", 0) >= job.gpus for r in nodes):
+                ray.shutdown()
+                have = ", ".join(f"{r.get('CPU', 0):g} CPU {r.get('GPU', 0):g} GPU" for r in nodes)
+                raise BadInput(f"cell {job.name} asks for cpus={job.cpus}, gpus={job.gpus:g}, but no Ray node has that "
+                               f"(nodes: {have}); lower 'cpus'/'gpus' or add a node")
+        return self
+
+    def __exit__(self, *exc):
+        self.ray.shutdown()
+        return False
+
+    def run(self, jobs: list[Job], done: Done) -> None:
+        """Each cell a task reserving its config's cpus and gpus; the child gets that many threads unless the
+        user set OMP_NUM_THREADS. Ray sets CUDA_VISIBLE_DEVICES for the task, and the child inherits it."""
+        ray = self.ray
+        task = ray.remote(run_cell)
+        user_threads = os.environ.get("OMP_NUM_THREADS")
+        pending = {task.options(num_cpus=job.cpus, num_gpus=job.gpus, max_retries=0)
+                   .remote(job, user_threads or str(job.cpus)): job for job in jobs}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except Exception as e:  # the task itself died (node lost, worker killed): the cell failed
+                result = {"status": "failed", "error": f"ray: {type(e).__name__}: {first_line(e)}", "seconds": None}
+            done(job, result)
