@@ -32,24 +32,15 @@ def run(
     config: Path = typer.Argument(..., help="experiment config (TOML)"),
     out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/<name>); resumed if present"),
     set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set linreg.T=50"),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes on this node (launched as torchrun does; lm only)"),
 ):
     """Run one experiment: every policy, seed and iteration of CONFIG."""
     from modelcollapse import config as configlib
-    from modelcollapse import distributed
     from modelcollapse.loop import run_experiment
 
     cfg = configlib.load(config, set_)
     out = out or Path("runs") / cfg.name
-    if nproc > 1:
-        if distributed.launched():
-            raise BadInput("--nproc cannot be used inside torchrun, which has already started the processes")
-        distributed.check_world(cfg, nproc)  # bad input is found here, before any process starts
-        configlib.resolve_device(cfg.device)
-        raise typer.Exit(distributed.launch(nproc, ["run", str(config), "--out", str(out), *(a for s in set_ for a in ("--set", s))]))
     run_experiment(cfg, out)
-    if distributed.is_writer():
-        typer.echo(f"done: {out}")
+    typer.echo(f"done: {out}")
 
 
 @app.command()
