@@ -1,14 +1,17 @@
 """Figures and tables from run directories alone (manifest.json + metrics.jsonl + per-generation samples).
 
 For every family and metric: mean over seeds per iteration with a 95% t-interval, one line per policy, one
-panel per run (so a sweep over T draws the paper's Fig. 7), and the closed form dashed where the family has
-one. Sample images and texts that generations saved are laid out policy by generation.
+panel per run, and the closed form dashed where the family has one. A sweep directory gets faceted figures
+instead: per metric, a panel per cell titled by its overrides, laid out rows x columns when the grid has two
+keys (so a sweep over T draws the paper's Fig. 7), and a table of the cells. Sample images and texts that
+generations saved are laid out policy by generation.
 """
 
 from __future__ import annotations
 
 import html
 import importlib
+import json
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -37,6 +40,8 @@ class Run:
         self.name, self.family, self.config = cfg["name"], cfg["family"], cfg
         self.policies = [p["name"] if "real_fraction" not in p else f"{p['name']}-{p['real_fraction']:g}" for p in cfg["policies"]]
         self.seeds = cfg["seeds"]
+        self.sweep: SweepDir | None = None  # set when the run is a cell of a sweep directory
+        self.overrides: dict = {}
 
     def table(self, metric: str) -> dict[str, dict[int, list[float]]]:
         """policy -> iteration -> values over seeds."""
@@ -50,13 +55,48 @@ class Run:
         return list(dict.fromkeys(r["metric"] for r in self.rows))
 
 
+class SweepDir:
+    """A sweep directory: its grid keys and values, and the runs of the cells that have started."""
+
+    def __init__(self, path: Path):
+        index = read_json(path / "sweep.json")
+        self.path, self.name = path, index["name"]
+        cells = index["cells"]
+        self.keys = list(cells[0]["overrides"])
+        self.values = {k: list(dict.fromkeys(json.dumps(c["overrides"][k]) for c in cells)) for k in self.keys}
+        self.runs = []
+        for c in cells:
+            if (path / c["name"] / "manifest.json").exists():
+                run = Run(path / c["name"])
+                run.sweep, run.overrides = self, c["overrides"]
+                self.runs.append(run)
+
+    def short(self, key: str) -> str:
+        """`lm.temperature` -> `temperature`, unless another grid key ends the same way."""
+        tail = key.split(".")[-1]
+        return tail if sum(k.split(".")[-1] == tail for k in self.keys) == 1 else key
+
+    def title(self, run: Run) -> str:
+        return ", ".join(f"{self.short(k)}={v}" for k, v in run.overrides.items())
+
+    def slot(self, run: Run) -> int:
+        """The run's panel: row-major over (first key, second key) for a two-key grid, else grid order."""
+        if len(self.keys) == 2:
+            a, b = (self.values[k].index(json.dumps(run.overrides[k])) for k in self.keys)
+            return a * len(self.values[self.keys[1]]) + b
+        return self.runs.index(run)
+
+
 def find_runs(dirs: list[Path]) -> list[Run]:
     runs = []
     for d in map(Path, dirs):
         if (d / "manifest.json").exists():
             runs.append(Run(d))
         elif (d / "sweep.json").exists():
-            runs += [Run(d / c["name"]) for c in read_json(d / "sweep.json")["cells"] if (d / c["name"] / "manifest.json").exists()]
+            try:
+                runs += SweepDir(d).runs
+            except (ValueError, KeyError, IndexError) as e:
+                raise BadInput(f"report: {d / 'sweep.json'} is corrupt ({e})") from None
         elif d.is_dir() and (cells := sorted(p.parent for p in d.glob("*/manifest.json"))):
             runs += [Run(c) for c in cells]
         else:
@@ -148,6 +188,45 @@ def plot_run_metrics(run: Run, metrics: list[str], path: Path) -> None:
     save(fig, path)
 
 
+def plot_facets(sweep: SweepDir, metric: str, path: Path, with_theory: bool) -> None:
+    """One metric of a sweep: a panel per cell titled by its overrides; rows x columns for two grid keys."""
+    if len(sweep.keys) == 2:
+        nrows, ncols = (len(sweep.values[k]) for k in sweep.keys)
+        fig, axes = panels(nrows * ncols, ncols)
+    else:
+        fig, axes = panels(len(sweep.runs), 3)
+    for ax in axes:
+        ax.axis("off")  # cells with no run (or not this metric) stay blank
+    legend = True
+    for run in sweep.runs:
+        if metric in run.metrics():
+            ax = axes[sweep.slot(run)]
+            ax.axis("on")
+            draw_panel(ax, run, metric, with_theory, legend=legend)
+            ax.set_title(sweep.title(run), fontsize=10)
+            legend = False
+    fig.suptitle(f"{sweep.name}: {metric}", fontsize=11)
+    save(fig, path)
+
+
+def sweep_table(sweep: SweepDir, metric: str) -> tuple[list[str], list[list[str]]]:
+    """A row per cell: its overrides, then each policy's metric at the last iteration (mean ± 95% CI)."""
+    runs = [r for r in sweep.runs if metric in r.metrics()]
+    policies = list(dict.fromkeys(p for r in runs for p in r.policies if p in r.table(metric)))
+    body = []
+    for run in runs:
+        table = run.table(metric)
+        row = [run.path.name, *(str(run.overrides[k]) for k in sweep.keys)]
+        for p in policies:
+            if table.get(p):
+                m, h = mean_ci(table[p][max(table[p])])
+                row.append(f"{m:.4g} ± {h:.2g}" if h else f"{m:.4g}")
+            else:
+                row.append("")
+        body.append(row)
+    return ["cell", *map(sweep.short, sweep.keys), *(f"{p} (last iteration)" for p in policies)], body
+
+
 def final_table(run: Run, metrics: list[str]) -> tuple[list[str], list[list[str]]]:
     """Each metric at the last iteration, a column per policy."""
     policies = [p for p in run.policies if any(p in run.table(m) for m in metrics)]
@@ -225,16 +304,38 @@ def samples_section(run: Run, out: Path, index: int) -> str:
     return "".join(parts)
 
 
+def sweep_section(sweep: SweepDir, index: int, runs: list[Run], out: Path, body: list[str], md: list[str]) -> None:
+    """A sweep: per metric (the family's primary first) a faceted figure and a table of the cells."""
+    primary = family_extras(sweep.runs[0].family)[0] if sweep.runs else None
+    metrics = list(dict.fromkeys(m for r in sweep.runs for m in r.metrics()))
+    metrics.sort(key=lambda m: m != primary)
+    body.append(f"<h2>sweep {html.escape(sweep.name)} ({html.escape(str(sweep.path))})</h2>")
+    md += [f"## sweep {sweep.name}", ""]
+    for metric in metrics:
+        png = f"sweep{index}-{metric}.png"
+        plot_facets(sweep, metric, out / png, with_theory=metric == primary)
+        header, rows = sweep_table(sweep, metric)
+        body.append(f"<h3>{html.escape(metric)}</h3><img src='{png}' style='max-width:100%'>{html_table(header, rows)}")
+        md += [f"### {metric}", "", f"![{metric}]({png})", "", markdown(header, rows), ""]
+    for r in sweep.runs:
+        section = samples_section(r, out, runs.index(r))
+        if section:
+            body.append(f"<h3>samples: {html.escape(r.name)}</h3>{section}")
+
+
 def write_report(dirs: list[Path], out: Path) -> Path:
     runs = find_runs(dirs)
     if not any(r.rows for r in runs):
         raise BadInput("report: the run directories hold no metrics yet")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    md, body = ["# modelcollapse report", ""], []
+    for i, sweep in enumerate(dict.fromkeys(r.sweep for r in runs if r.sweep)):
+        sweep_section(sweep, i, runs, out, body, md)
     by_family: dict[str, list[Run]] = defaultdict(list)
     for r in runs:
-        by_family[r.family].append(r)
-    md, body = ["# modelcollapse report", ""], []
+        if r.sweep is None:
+            by_family[r.family].append(r)
     for family, fruns in by_family.items():
         primary = family_extras(family)[0]
         metrics = list(dict.fromkeys(m for r in fruns for m in r.metrics()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,6 +88,18 @@ def import_ray():
     return ray
 
 
+def check_reachable(address: str) -> None:
+    """Fail fast on a HOST:PORT nobody answers (ray.init would retry for minutes); "auto" and ray:// addresses
+    are Ray's to resolve."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        raise ConnectionError(f"{host}:{port} does not answer: {e}") from None
+
+
 class RayCluster:
     """A Ray session for one sweep: joins `address`, or starts a local instance of `workers` CPUs (all by
     default), and checks that some node can hold every cell before any runs."""
@@ -99,6 +112,7 @@ class RayCluster:
         ray = self.ray
         try:
             if self.address:
+                check_reachable(self.address)
                 ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
             else:
                 ray.init(num_cpus=self.workers or os.cpu_count(), include_dashboard=False, log_to_driver=False)
