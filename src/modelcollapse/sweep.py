@@ -26,6 +26,7 @@ import copy
 import fcntl
 import itertools
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -132,8 +133,9 @@ def run_sweep(path: Path, out: Path, overrides: list[str] = (), workers: int | N
     out = Path(out).absolute()
     for cell in cells:  # refuse foreign DIRs before any cell runs
         RunDir.check(out / cell.name, cell.config.hash())
+    env = {k: v for k, v in os.environ.items() if k.startswith("MODELCOLLAPSE_")}
     jobs = [Job(c.name, str(out / "configs" / f"{c.name}.toml"), str(out / c.name), str(out / "logs" / f"{c.name}.log"),
-                str(Path.cwd()), c.config.cpus, c.config.gpus) for c in cells]
+                str(Path.cwd()), c.config.cpus, c.config.gpus, env) for c in cells]
     cluster = RayCluster(address, workers, jobs) if backend == "ray" else contextlib.nullcontext()
     created = not out.exists()
     try:

@@ -35,12 +35,13 @@ class Job:
     cwd: str  # relative data paths in the config resolve from where the sweep was started
     cpus: int
     gpus: float
+    env: dict  # the sweep's MODELCOLLAPSE_* variables (e.g. the cache), which a Ray worker would not have
 
 
 def run_cell(job: Job, threads: str) -> dict:
     """Run one cell to its end in a child process: {"status": done|bad-input|failed, "error", "seconds"}."""
     cmd = [sys.executable, "-m", "modelcollapse", "run", job.config, "--out", job.run_dir]
-    env = dict(os.environ, OMP_NUM_THREADS=threads)
+    env = dict(os.environ, **job.env, OMP_NUM_THREADS=threads)
     t0 = time.perf_counter()
     with open(job.log, "a") as log:
         log.write(f"=== {now()} OMP_NUM_THREADS={threads} {' '.join(cmd)}\n")

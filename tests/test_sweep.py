@@ -1,0 +1,266 @@
+"""Sweeps: a grid of ordinary runs on the local backend and on a real local Ray, results table, failures,
+resume after a kill, the lock, bad input, and the faceted report."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import SRC, cli
+from modelcollapse.errors import BadInput
+from modelcollapse.store import read_metrics
+
+LINREG = """[base]
+name = "lin"
+family = "linreg"
+policies = ["replace", "accumulate"]
+iterations = 4
+seeds = 3
+[base.linreg]
+d = 3
+[grid]
+"linreg.T" = [6, 20]
+"linreg.sigma2" = [0.5, 1.0]
+"""
+LINREG_CELLS = ["T-6_sigma2-0.5", "T-6_sigma2-1.0", "T-20_sigma2-0.5", "T-20_sigma2-1.0"]
+LM = """[base]
+name = "lm"
+family = "lm"
+policies = ["accumulate"]
+iterations = 2
+seeds = 1
+device = "cpu"
+[base.lm]  # the tiny model of test_lm_family.py on 40 stories: seconds a cell
+max_train_stories = 40
+test_stories = 10
+vocab_size = 512
+model = "llama2-tiny"
+block_size = 64
+batch_size = 8
+lr = 5e-3
+epochs = 2
+max_sample_len = 64
+sample_batch = 16
+eval_samples = 20
+shard_tokens = 1024
+[grid]
+"lm.temperature" = [1.0, 0.3]
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """One thread per cell whatever the backend (so both compute the same floats), and a cache of this
+    module's own: the fixtures below are module-wide, before any test's own cache is set."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.setenv("MODELCOLLAPSE_CACHE", str(tmp_path_factory.mktemp("sweep-cache")))
+        yield
+
+
+def sweep(tmp_path_factory, name: str, text: str, *args):
+    root = tmp_path_factory.mktemp(name)
+    (root / "s.toml").write_text(text)
+    return root, cli("sweep", root / "s.toml", "--out", root / "out", *args)
+
+
+@pytest.fixture(scope="module")
+def linreg_local(env, tmp_path_factory):
+    root, r = sweep(tmp_path_factory, "linreg-local", LINREG, "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+@pytest.fixture(scope="module")
+def lm_local(env, tmp_path_factory):
+    root, r = sweep(tmp_path_factory, "lm-local", LM, "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+def cell_metrics(root, cells):
+    return {c: read_metrics(root / "out" / c) for c in cells}
+
+
+def test_local_linreg_sweep_is_ordinary_runs_and_one_table(linreg_local, tmp_path):
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    out = linreg_local / "out"
+    index = json.loads((out / "sweep.json").read_text())
+    assert [c["name"] for c in index["cells"]] == LINREG_CELLS
+    assert all(c["status"] == "done" and c["error"] is None and c["seconds"] > 0 for c in index["cells"])
+    assert index["cells"][2]["overrides"] == {"linreg.T": 20, "linreg.sigma2": 0.5}
+
+    table = pq.read_table(out / "results.parquet")
+    assert table.column_names == ["cell", "linreg.T", "linreg.sigma2", "policy", "seed", "iteration", "metric", "value"]
+    assert table.equals(pacsv.read_csv(out / "results.csv").cast(table.schema))
+    rows = table.to_pylist()
+    assert len(rows) == 4 * 2 * 3 * 4 * 2  # cells x policies x seeds x iterations x (test_error, test_mse_excess)
+    assert {(r["cell"], r["linreg.T"], r["linreg.sigma2"]) for r in rows} == {
+        (c, t, s) for c, (t, s) in zip(LINREG_CELLS, [(6, 0.5), (6, 1.0), (20, 0.5), (20, 1.0)])}
+
+    # each cell is the run a user gets from `modelcollapse run` with the same overrides
+    base = tmp_path / "base.toml"
+    base.write_text(LINREG.split("[grid]")[0].replace("[base]\n", "").replace("[base.linreg]", "[linreg]"))
+    for cell, sets in (("T-6_sigma2-0.5", ["linreg.T=6", "linreg.sigma2=0.5"]), ("T-20_sigma2-1.0", ["linreg.T=20", "linreg.sigma2=1.0"])):
+        r = cli("run", base, "--out", tmp_path / cell, *(a for s in sets for a in ("--set", s)))
+        assert r.returncode == 0, r.stderr
+        assert read_metrics(tmp_path / cell) == read_metrics(out / cell)
+
+    # again: every cell is done, so none is launched
+    logs = {c: (out / "logs" / f"{c}.log").read_text() for c in LINREG_CELLS}
+    r = cli("sweep", linreg_local / "s.toml", "--out", out)
+    assert r.returncode == 0 and "4/4 cells (4 already done)" in r.stdout
+    assert {c: (out / "logs" / f"{c}.log").read_text() for c in LINREG_CELLS} == logs
+    assert all(c["skipped"] for c in json.loads((out / "sweep.json").read_text())["cells"])
+
+
+def test_report_on_a_sweep_draws_a_panel_per_cell(linreg_local, tmp_path):
+    r = cli("report", linreg_local / "out", "--out", tmp_path / "rep")
+    assert r.returncode == 0, r.stderr
+    for name in ("index.html", "summary.md", "sweep0-test_error.png", "sweep0-test_mse_excess.png"):
+        assert (tmp_path / "rep" / name).stat().st_size > 0
+    summary = (tmp_path / "rep" / "summary.md").read_text()
+    assert "| cell | T | sigma2 | replace (last iteration) | accumulate (last iteration) |" in summary
+    assert all(f"| {c} |" in summary for c in LINREG_CELLS)
+
+
+def test_tiny_lm_grid(lm_local):
+    out = lm_local / "out"
+    index = json.loads((out / "sweep.json").read_text())
+    assert [(c["name"], c["status"]) for c in index["cells"]] == [("temperature-1.0", "done"), ("temperature-0.3", "done")]
+    import pyarrow.parquet as pq
+
+    ce = [r for r in pq.read_table(out / "results.parquet").to_pylist() if r["metric"] == "test_ce"]
+    assert sorted((r["lm.temperature"], r["iteration"]) for r in ce) == [(0.3, 1), (0.3, 2), (1.0, 1), (1.0, 2)]
+    gen1 = {r["lm.temperature"]: r["value"] for r in ce if r["iteration"] == 1}
+    assert gen1[0.3] == gen1[1.0]  # generation 1 is fit on real data: the temperature only changes what it samples
+    assert json.loads((out / "temperature-0.3" / "manifest.json").read_text())["config"]["lm"]["temperature"] == 0.3
+
+
+def test_ray_backend_gives_the_local_backends_numbers(linreg_local, lm_local, tmp_path_factory):
+    """Each cell a task on a real Ray: one the sweep starts itself, and one it joins with --address."""
+    ray = pytest.importorskip("ray")
+    root, r = sweep(tmp_path_factory, "linreg-ray", LINREG, "--backend", "ray", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert cell_metrics(root, LINREG_CELLS) == cell_metrics(linreg_local, LINREG_CELLS)
+    assert (root / "out" / "results.csv").read_bytes() == (linreg_local / "out" / "results.csv").read_bytes()
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        root, r = sweep(tmp_path_factory, "lm-ray", LM, "--backend", "ray", "--address", ray.get_runtime_context().gcs_address)
+    finally:
+        ray.shutdown()
+    assert r.returncode == 0, r.stderr
+    cells = ["temperature-1.0", "temperature-0.3"]
+    assert cell_metrics(root, cells) == cell_metrics(lm_local, cells)
+    assert json.loads((root / "out" / "sweep.json").read_text())["backend"] == "ray"
+
+
+def test_a_failed_cell_is_recorded_and_the_others_finish(env, tmp_path_factory):
+    # n_test = 1e14 passes validation but its test set cannot be allocated: the cell fails at run time
+    text = LINREG.replace('"linreg.T" = [6, 20]\n"linreg.sigma2" = [0.5, 1.0]', '"linreg.n_test" = [100000000000000, 10]')
+    root, r = sweep(tmp_path_factory, "failing", text, "--workers", "2")
+    assert r.returncode == 1
+    cells = {c["name"]: c for c in json.loads((root / "out" / "sweep.json").read_text())["cells"]}
+    bad = cells["n_test-100000000000000"]
+    assert bad["status"] == "failed" and "Unable to allocate" in bad["error"]
+    assert "Traceback" in (root / "out" / bad["log"]).read_text()
+    assert cells["n_test-10"]["status"] == "done"
+    assert "failed: n_test-100000000000000 (failed): " in r.stderr and "1/2 cells" in r.stdout
+    assert (root / "out" / "results.csv").read_text().count("\n") == 1 + 2 * 3 * 4 * 2  # the good cell's rows
+
+
+def test_killed_sweep_resumes_to_the_uninterrupted_result_and_a_second_sweep_is_refused(env, tmp_path_factory):
+    text = """[base]
+name = "k"
+family = "linreg"
+policies = ["replace", "accumulate"]
+seeds = 2
+[base.linreg]
+d = 3
+T = 10
+method = "loop"  # a unit per generation, so the long cell is killed between finished generations
+[grid]
+iterations = [2, 60]
+"""
+    root = tmp_path_factory.mktemp("killed")
+    (root / "s.toml").write_text(text)
+    out = root / "out"
+    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    first = subprocess.Popen([sys.executable, "-m", "modelcollapse", "sweep", root / "s.toml", "--out", out],
+                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        long_cell = out / "iterations-60" / "accumulate" / "seed-0" / "gen-2" / "metrics.json"
+        deadline = time.monotonic() + 120
+        while not (out / "sweep.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = cli("sweep", root / "s.toml", "--out", out)  # while the first holds the lock
+        assert second.returncode == 2 and second.stderr == f"error: --out {out} is in use by another sweep\n"
+        while not long_cell.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the sweep and the cell it runs
+        first.wait()
+    assert long_cell.exists()
+    manifest = json.loads((out / "iterations-60" / "manifest.json").read_text())
+    assert manifest["status"] == "running"  # killed mid-cell
+    assert not (out / "results.csv").exists()
+
+    r = cli("sweep", root / "s.toml", "--out", out)
+    assert r.returncode == 0, r.stderr
+    cells = {c["name"]: c for c in json.loads((out / "sweep.json").read_text())["cells"]}
+    assert cells["iterations-2"]["skipped"] and not cells["iterations-60"]["skipped"]
+    assert json.loads((out / "iterations-60" / "manifest.json").read_text())["resumed"]
+
+    whole, r = sweep(tmp_path_factory, "uninterrupted", text)
+    assert r.returncode == 0, r.stderr
+    names = ["iterations-2", "iterations-60"]
+    assert cell_metrics(root, names) == cell_metrics(whole, names)
+    assert (out / "results.csv").read_bytes() == (whole / "out" / "results.csv").read_bytes()
+
+
+def test_bad_sweep_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    from modelcollapse.sweep import run_sweep
+
+    s = tmp_path / "s.toml"
+    for text, needle in (
+        ("[base\n", "is not valid TOML"),
+        ("extra = 1\n" + LINREG, "unknown key(s) ['extra']"),
+        (LINREG.replace('"linreg.sigma2" = [0.5, 1.0]', '"linreg.sigma2" = [0.5, -1.0]'), "sweep cell T-6_sigma2--1.0: config error: linreg.sigma2"),
+        (LINREG.replace('"linreg.T" = [6, 20]', '"linreg.T" = []'), "'grid' must map config keys to non-empty lists"),
+    ):
+        s.write_text(text)
+        r = cli("sweep", s, "--out", tmp_path / "out")
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.splitlines()) == 1, (needle, r.stderr)
+        assert not (tmp_path / "out").exists()
+    s.write_text(LINREG)
+    for args, needle in ((["--address", "auto"], "use it with --backend ray"), (["--workers", "0"], "--workers: must be at least 1")):
+        r = cli("sweep", s, "--out", tmp_path / "out", *args)
+        assert r.returncode == 2 and needle in r.stderr and not (tmp_path / "out").exists()
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(BadInput, match=r"pip install modelcollapse\[ray\]"):
+        run_sweep(s, tmp_path / "out", backend="ray")
+    assert not (tmp_path / "out").exists()
+
+
+def test_resource_keys_leave_the_config_hash_and_old_runs_resume(tmp_path):
+    from modelcollapse import config as configlib
+    from modelcollapse.loop import run_experiment
+
+    raw = dict(name="old", family="linreg", policies=["replace", "accumulate"], iterations=3, seeds=2, linreg=dict(d=3, T=8))
+    assert configlib.from_dict(raw).hash() == "107812be833ebe76"  # this config's hash before cpus/gpus existed
+    run_experiment(configlib.from_dict(raw), tmp_path / "run", progress=False)
+    rows = read_metrics(tmp_path / "run")
+    more = configlib.from_dict(dict(raw, cpus=4, gpus=0.5))
+    assert more.hash() == "107812be833ebe76"
+    run_experiment(more, tmp_path / "run", progress=False)  # the same run: resumes (nothing left to do)
+    assert read_metrics(tmp_path / "run") == rows
+    with pytest.raises(BadInput, match="gpus"):
+        configlib.from_dict(dict(raw, gpus=-1))
