@@ -61,8 +61,8 @@ def error_line(log: Path, start: int, rc: int) -> str:
     with open(log, "rb") as f:
         f.seek(max(start, log.stat().st_size - 64_000))  # a traceback's last line is near the end
         lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
-    said = [ln for ln in lines if ln.startswith("error: ")] if rc == 2 else lines
-    return said[-1] if said else f"exit code {rc} with an empty log"
+    said = [ln for ln in lines if ln.startswith("error: ")] if rc == 2 else []
+    return (said or lines or [f"exit code {rc} with an empty log"])[-1]
 
 
 def first_line(e: BaseException) -> str:
