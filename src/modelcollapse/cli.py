@@ -32,15 +32,27 @@ def run(
     config: Path = typer.Argument(..., help="experiment config (TOML)"),
     out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/<name>); resumed if present"),
     set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set linreg.T=50"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes on this node (launched as torchrun does; lm only)"),
 ):
     """Run one experiment: every policy, seed and iteration of CONFIG."""
     from modelcollapse import config as configlib
+    from modelcollapse import distributed
     from modelcollapse.loop import run_experiment
 
     cfg = configlib.load(config, set_)
     out = out or Path("runs") / cfg.name
-    run_experiment(cfg, out)
-    typer.echo(f"done: {out}")
+    if nproc > 1:
+        distributed.check_world(cfg, nproc)  # bad input is found here, before any process starts
+        args = ["run", str(config), "--out", str(out), *(a for s in set_ for a in ("--set", s))]
+        raise typer.Exit(distributed.launch(nproc, configlib.resolve_device(cfg.device), args))
+    try:
+        run_experiment(cfg, out)
+    except BadInput:
+        if distributed.is_writer():
+            raise
+        raise typer.Exit(2) from None  # rank 0 has the same bad input and reports it
+    if distributed.is_writer():
+        typer.echo(f"done: {out}")
 
 
 @app.command()

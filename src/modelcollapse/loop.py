@@ -10,6 +10,10 @@
 Each (policy, seed) chain runs generation by generation; each finished generation is a unit in the run
 directory, so a killed run resumes from the last finished one. Generation 1 is fit on real data whatever the
 policy, so its seeds do not depend on the policy and its model is fit once and shared by every policy.
+
+Data-parallel (distributed.py): every rank runs this same loop and reads the same run directory, so all take
+the same decisions; rank 0 alone writes it (a `RunView` on the others), and a barrier closes each generation,
+so the others read what rank 0 wrote only once it is there.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from modelcollapse import distributed
 from modelcollapse.config import ExperimentConfig, PolicySpec, family_module, resolve_device
 from modelcollapse.policies import synthetic_size, training_set
 from modelcollapse.seeding import stream_seed
-from modelcollapse.store import RunDir, atomic_save_npy, atomic_write_json
+from modelcollapse.store import RunDir, RunView, atomic_save_npy, atomic_write_json
 
 SHARED = "*"  # the policy key of generation 1's streams, which every policy shares
 
@@ -55,37 +60,42 @@ def peak_rss_mb() -> float | None:
     return None
 
 
-def make_family(cfg: ExperimentConfig):
-    return family_module(cfg.family).Family(cfg.family_config, device=resolve_device(cfg.device), cache_dir=cache_dir())
+def make_family(cfg: ExperimentConfig, device: str):
+    return family_module(cfg.family).Family(cfg.family_config, device=device, cache_dir=cache_dir())
 
 
 def run_experiment(cfg: ExperimentConfig, out: Path, progress: bool | None = None) -> Path:
-    """Run (or resume) every policy and seed of `cfg` into the run directory `out`."""
+    """Run (or resume) every policy and seed of `cfg` into the run directory `out` (as one rank of a
+    data-parallel run when torchrun started this process)."""
     out = Path(out)
-    RunDir.check(out, cfg.hash())  # refuse a foreign DIR before anything is built or written
-    family = make_family(cfg)
-    family.real_data("train", cfg.seeds[0])  # bad data files fail here, before anything is written
-    family.real_data("test", cfg.seeds[0])
-    if any(p.name == "fresh" for p in cfg.policies) and cfg.iterations > 1:
-        family.real_data("train", cfg.seeds[0], draw=cfg.iterations - 1)  # DataUnavailable if it has too little
-    fast = set(getattr(family, "fast_policies", tuple)())
-    created = not out.exists()
-    try:
-        with RunDir(out, cfg.resolved(), cfg.hash()) as store:
-            store.reset_metrics(finished_rows(store, cfg, fast))
-            units = sum(1 if p.name in fast else len(cfg.seeds) * cfg.iterations for p in cfg.policies)
-            bar = tqdm(total=units, desc=cfg.name, unit="gen", disable=True if progress is False else None)
-            for policy in cfg.policies:
-                if policy.name in fast:
-                    run_fast(family, store, policy, cfg, bar)
-                    continue
-                for seed in cfg.seeds:
-                    run_chain(family, store, cfg, policy, seed, bar)
-            bar.close()
-    except BaseException:
-        if created and not any(out.glob("*/**/metrics.json")):
-            shutil.rmtree(out, ignore_errors=True)  # nothing finished: leave no half-made DIR behind
-        raise
+    with distributed.process_group(resolve_device(cfg.device)) as device:
+        with distributed.writer_first():  # rank 0 finds bad input and fills the caches; then the others read them
+            distributed.check_world(cfg, distributed.world_size())
+            RunDir.check(out, cfg.hash())  # refuse a foreign DIR before anything is built or written
+            family = make_family(cfg, device)
+            family.real_data("train", cfg.seeds[0])  # bad data files fail here, before anything is written
+            family.real_data("test", cfg.seeds[0])
+            if any(p.name == "fresh" for p in cfg.policies) and cfg.iterations > 1:
+                family.real_data("train", cfg.seeds[0], draw=cfg.iterations - 1)  # DataUnavailable if it has too little
+        fast = set(getattr(family, "fast_policies", tuple)())
+        created = not out.exists()
+        try:
+            with (RunDir if distributed.is_writer() else RunView)(out, cfg.resolved(), cfg.hash()) as store:
+                store.reset_metrics(finished_rows(store, cfg, fast))
+                units = sum(1 if p.name in fast else len(cfg.seeds) * cfg.iterations for p in cfg.policies)
+                quiet = progress is False or not distributed.is_writer()
+                bar = tqdm(total=units, desc=cfg.name, unit="gen", disable=True if quiet else None)
+                for policy in cfg.policies:
+                    if policy.name in fast:
+                        run_fast(family, store, policy, cfg, bar)
+                        continue
+                    for seed in cfg.seeds:
+                        run_chain(family, store, cfg, policy, seed, bar)
+                bar.close()
+        except BaseException:
+            if created and distributed.is_writer() and not any(out.glob("*/**/metrics.json")):
+                shutil.rmtree(out, ignore_errors=True)  # nothing finished: leave no half-made DIR behind
+            raise
     return out
 
 
@@ -120,7 +130,8 @@ def run_chain(family, store: RunDir, cfg: ExperimentConfig, policy: PolicySpec, 
                 pool.append(family.load_sample(gen_dir))
             bar.update(1)
             continue
-        gen_dir.mkdir(parents=True, exist_ok=True)
+        if store.writer:
+            gen_dir.mkdir(parents=True, exist_ok=True)
         key = SHARED if n == 1 else policy.label
 
         def seed_for(purpose: str, generation: int = n) -> int:
@@ -134,20 +145,24 @@ def run_chain(family, store: RunDir, cfg: ExperimentConfig, policy: PolicySpec, 
         model = shared_first_model(family, store, cfg, policy, seed) if n == 1 else None
         if model is None:
             model = family.fit(train, seed_for("fit"), gen_dir)
-        family.save_model(model, gen_dir)
+        if store.writer:
+            family.save_model(model, gen_dir)
         metrics = family.evaluate(model, test, seed_for("evaluate"), gen_dir)
         if n < N:
             size = synthetic_size(policy, n + 1, family.size(real))
             pool.append(family.sample(model, size, real, seed_for("sample", n + 1), gen_dir))
         rows = [dict(policy=policy.label, seed=seed, iteration=n, metric=k, value=float(v)) for k, v in metrics.items()]
-        atomic_write_json(gen_dir / "resources.json", {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": peak_rss_mb()})
+        if store.writer:  # peak memory is rank 0's
+            resources = {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": peak_rss_mb(), "processes": distributed.world_size()}
+            atomic_write_json(gen_dir / "resources.json", resources)
         store.finish(gen_dir, rows)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         line = f"{policy.label} seed {seed} gen {n}/{N}: {shown} ({time.perf_counter() - t0:.1f}s)"
         store.log(line)
         bar.update(1)
-        if time.perf_counter() - t0 >= 1.0:  # slow generations are news; thousands of fast ones are noise
+        if time.perf_counter() - t0 >= 1.0 and store.writer:  # slow generations are news; thousands of fast ones are noise
             bar.write(line, file=sys.stderr)
+        distributed.barrier()  # the other ranks see this generation finished (and its model) before they go on
 
 
 def shared_first_model(family, store: RunDir, cfg: ExperimentConfig, policy: PolicySpec, seed: int):

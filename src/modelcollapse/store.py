@@ -67,6 +67,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 class RunDir:
     """An open, locked run directory. Use `RunDir.open(...)` as a context manager."""
 
+    writer = True
+
     def __init__(self, path: Path, config: dict, config_hash: str):
         self.path = Path(path)
         self.config = config
@@ -153,3 +155,25 @@ class RunDir:
     def log(self, line: str) -> None:
         with open(self.path / "run.log", "a") as f:
             f.write(f"{now()} {line}\n")
+
+
+class RunView(RunDir):
+    """The run directory as the other ranks of a data-parallel run see it: they read what rank 0 writes
+    (finished generations, models, samples) and write nothing, not even the lock, manifest, metrics or log."""
+
+    writer = False
+
+    def __enter__(self) -> "RunView":
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return False
+
+    def finish(self, unit_dir: Path, rows: list[dict]) -> None:
+        pass
+
+    def reset_metrics(self, rows: list[dict]) -> None:
+        pass
+
+    def log(self, line: str) -> None:
+        pass

@@ -13,6 +13,8 @@ in the ablation), as the policy says. The metric is `test_ce`, nats per token on
   set "the size of the real one" holds as many tokens as the real training set.
 - Each generation's folder holds model.safetensors + model.json + tokenizer.json (the model), samples.txt and
   samples.json (20 stories sampled by evaluate), and sample/ (the synthetic set for the next generation).
+- Data-parallel: under torchrun or `--nproc N` each generation trains with DistributedDataParallel and its
+  synthetic set is sampled in shards across the ranks (train.py); the diversity samples are rank 0's.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from modelcollapse import distributed
 from modelcollapse.errors import BadInput
 from modelcollapse.families import DataUnavailable
 from modelcollapse.families.lm import data as text
@@ -110,6 +113,13 @@ class Config(BaseModel):
         return {k: getattr(self, k) for k in fields if getattr(self, k) is not None} | {"dropout": self.dropout}
 
 
+def check_data_parallel(config: Config, world: int) -> None:
+    """Data-parallel training splits each batch of `batch_size` sequences evenly over the `world` ranks."""
+    if config.batch_size % world:
+        raise BadInput(f"The 'batch_size' parameter of lm must be a multiple of the number of processes ({world}), "
+                       f"so that every rank takes an equal share of each batch. Got {config.batch_size} instead.")
+
+
 class Family:
     """The `lm` family (see the module docstring). Fitted state: `tokenizer_`, `bos_`, `eos_`."""
 
@@ -191,10 +201,11 @@ class Family:
     def evaluate(self, model, test: TokenSet, seed: int, workdir: Path) -> dict[str, float]:
         self._ready()
         metrics = {PRIMARY_METRIC: loops.test_ce(model, test, self.config, self.bos_, self.device)}
-        docs = loops.eval_samples(model, self.config, self.bos_, self.eos_, seed, self.device)
-        metrics.update(loops.diversity(docs, self.bos_, self.eos_))
-        self._write_samples(docs[:SAVED_SAMPLES], Path(workdir))
-        return metrics
+        if distributed.is_writer():  # a few stories: rank 0 samples them, writes them and tells the others
+            docs = loops.eval_samples(model, self.config, self.bos_, self.eos_, seed, self.device)
+            metrics.update(loops.diversity(docs, self.bos_, self.eos_))
+            self._write_samples(docs[:SAVED_SAMPLES], Path(workdir))
+        return distributed.broadcast(metrics)
 
     def _write_samples(self, docs: list[np.ndarray], workdir: Path) -> None:
         rows = [

@@ -9,6 +9,11 @@
 - `sample_shards`: documents from BOS until EOS or `max_sample_len` tokens, until exactly `size` tokens,
   written as shards of `shard_tokens` tokens. Shard k depends only on (seed, k), so a killed sampling
   phase keeps its finished shards and redoes only the rest.
+
+Data-parallel (several ranks, distributed.py): `fit` trains a DistributedDataParallel replica on each rank,
+rank r taking rows r·B/W .. (r+1)·B/W of the very batch a one-process fit draws, its loss weighted so the
+averaged gradient is the one-process mean over the batch's targets; `test_ce` shares the test batches out
+and sums; `sample_shards` gives shard k to rank k mod W. Rank 0 alone writes (checkpoints, shards).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from modelcollapse import distributed
 from modelcollapse.families.lm.model import LM, lm_config
 from modelcollapse.families.lm.shards import TokenSet, shard_exists, token_dtype, write_shard
 from modelcollapse.seeding import derive_seed
@@ -70,14 +76,23 @@ def _targets(y: np.ndarray, bos: int) -> np.ndarray:
 # -- fit --------------------------------------------------------------------------------------------------
 
 
+def _rng_key(kind: str, rank: int) -> str:
+    return f"rng.{kind}" if rank == 0 else f"rng.{kind}.{rank}"
+
+
 def _save_checkpoint(path: Path, model: LM, opt: torch.optim.Optimizer, step: int, plan: dict) -> None:
+    """Written by rank 0; every rank's RNG state is gathered into it (the others return at once)."""
+    rng = {"cpu": torch.get_rng_state()}  # dropout's draws, so a resumed fit makes the same ones
+    if next(model.parameters()).is_cuda:
+        rng["cuda"] = torch.cuda.get_rng_state(next(model.parameters()).device)
+    every_rng = distributed.gather(rng)
+    if not distributed.is_writer():
+        return
     tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}  # clone: tied weights
     state = opt.state_dict()
     for i, s in state["state"].items():
         tensors.update({f"opt.{i}.{k}": v.detach().clone().contiguous() for k, v in s.items()})
-    tensors["rng.cpu"] = torch.get_rng_state()  # dropout's draws, so a resumed fit makes the same ones
-    if next(model.parameters()).is_cuda:
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(next(model.parameters()).device)
+    tensors.update({_rng_key(kind, r): v for r, states in enumerate(every_rng) for kind, v in states.items()})
     meta = dict(step=step, plan=plan, param_groups=state["param_groups"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -86,7 +101,8 @@ def _save_checkpoint(path: Path, model: LM, opt: torch.optim.Optimizer, step: in
 
 
 def _load_checkpoint(path: Path, model: LM, opt: torch.optim.Optimizer, plan: dict, device: str) -> int:
-    """Restore a checkpoint of the same plan; returns its step (0 when there is none to resume)."""
+    """Restore a checkpoint of the same plan; returns its step (0 when there is none to resume). A rank
+    whose RNG state it lacks (a resume with more ranks) keeps its seeded one."""
     if not path.exists():
         return 0
     from safetensors import safe_open
@@ -103,10 +119,31 @@ def _load_checkpoint(path: Path, model: LM, opt: torch.optim.Optimizer, plan: di
             _, i, name = k.split(".", 2)
             state.setdefault(int(i), {})[name] = v  # load_state_dict moves each to its parameter's device
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.cuda"], torch.device(device))
+    if _rng_key("cpu", distributed.rank()) in tensors:
+        torch.set_rng_state(tensors[_rng_key("cpu", distributed.rank())])
+    if _rng_key("cuda", distributed.rank()) in tensors and device.startswith("cuda"):
+        torch.cuda.set_rng_state(tensors[_rng_key("cuda", distributed.rank())], torch.device(device))
     return int(meta["step"])
+
+
+def _rank_rows(x: np.ndarray, y: np.ndarray, B: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """This rank's rows of the global batch (x, y) and the weight of their mean loss. Rank r of W takes rows
+    r·B/W .. (r+1)·B/W; weighted by W·(its targets)/(the batch's targets), the mean over ranks that DDP takes
+    of the gradients is the gradient of the one-process loss, the mean over every target of the batch (the
+    rows hold different numbers of ignored targets, so unweighted per-rank means would not average to it)."""
+    W, r = distributed.world_size(), distributed.rank()
+    if W == 1:
+        return x, y, 1.0
+    if len(x) < B:  # the short last batch: padded with rows without targets, so every rank has B/W rows
+        x = np.concatenate([x, np.zeros((B - len(x), x.shape[1]), x.dtype)])
+        y = np.concatenate([y, np.full((B - len(y), y.shape[1]), -1, y.dtype)])
+    n_all = int((y >= 0).sum())
+    rows = slice(r * B // W, (r + 1) * B // W)
+    x, y = x[rows], y[rows].copy()
+    n = int((y >= 0).sum())
+    if n == 0:  # only padding: the rank still joins the all-reduce; a dummy target keeps its loss finite, weight 0
+        y[0, 0] = 0
+    return x, y, W * n / n_all
 
 
 def fit(cfg, train: TokenSet, vocab_size: int, bos: int, seed: int, workdir: Path, device: str) -> LM:
@@ -116,26 +153,30 @@ def fit(cfg, train: TokenSet, vocab_size: int, bos: int, seed: int, workdir: Pat
     total = cfg.epochs * per_epoch
     model = build(cfg, vocab_size, derive_seed(seed, "init"), device)
     opt = model.configure_optimizers(cfg.weight_decay, cfg.lr, BETAS)
-    step_fn = torch.compile(model) if cfg.compile else model
     plan = dict(seed=seed, tokens=train.n_tokens, docs=train.n_docs, total=total, config=cfg.model_dump(mode="json"))
     ckpt = Path(workdir) / CHECKPOINT
+    rank = distributed.rank()
     with _seeded_rng(device):
-        torch.manual_seed(derive_seed(seed, "dropout"))
-        step = _load_checkpoint(ckpt, model, opt, plan, device)
+        torch.manual_seed(derive_seed(seed, "dropout", *([rank] if rank else [])))  # each rank its own masks
+        step = _load_checkpoint(ckpt, model, opt, plan, device)  # rank 0's checkpoint, read by every rank
+        replica = distributed.data_parallel(model, device)
+        step_fn = torch.compile(replica) if cfg.compile else replica
         model.train()
-        bar = tqdm(total=total * B * T, initial=step * B * T, unit="tok", unit_scale=True, desc="fit", disable=None, leave=False)
+        bar = tqdm(total=total * B * T, initial=step * B * T, unit="tok", unit_scale=True, desc="fit",
+                   disable=None if distributed.is_writer() else True, leave=False)
         while step < total:
             epoch, start = divmod(step, per_epoch)
             for x, y in train.batches(T, B, seed=derive_seed(seed, "order", epoch), start=start):
                 lr = lr_at(step, total, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
+                x, y, weight = _rank_rows(x, _targets(y, bos), B)
                 x = torch.from_numpy(x).to(device, non_blocking=True)
-                y = torch.from_numpy(_targets(y, bos)).to(device, non_blocking=True)
+                y = torch.from_numpy(y).to(device, non_blocking=True)
                 with autocast(device):
                     _, loss = step_fn(x, y)
-                loss.backward()
-                if cfg.grad_clip > 0:
+                (loss * weight).backward()  # under DDP the gradients are averaged over the ranks here
+                if cfg.grad_clip > 0:  # on the averaged gradient, the same on every rank
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -146,7 +187,8 @@ def fit(cfg, train: TokenSet, vocab_size: int, bos: int, seed: int, workdir: Pat
                 if step % cfg.checkpoint_every == 0 and step < total:
                     _save_checkpoint(ckpt, model, opt, step, plan)
         bar.close()
-    ckpt.unlink(missing_ok=True)  # the finished model is the loop's to save
+    if distributed.is_writer():
+        ckpt.unlink(missing_ok=True)  # the finished model is the loop's to save
     model.eval()
     return model
 
@@ -156,10 +198,14 @@ def fit(cfg, train: TokenSet, vocab_size: int, bos: int, seed: int, workdir: Pat
 
 @torch.no_grad()
 def test_ce(model: LM, test: TokenSet, cfg, bos: int, device: str) -> float:
-    """Mean nats per token over every token of `test` that follows its BOS."""
+    """Mean nats per token over every token of `test` that follows its BOS. With several ranks, rank r
+    takes batches r, r + W, ... and the sums are added up over the ranks."""
     model.eval()
+    W, r = distributed.world_size(), distributed.rank()
     nats, count = 0.0, 0
-    for x, y in test.batches(cfg.block_size, cfg.batch_size, seed=None):
+    for i, (x, y) in enumerate(test.batches(cfg.block_size, cfg.batch_size, seed=None)):
+        if i % W != r:
+            continue
         y = _targets(y, bos)
         n = int((y >= 0).sum())
         if n == 0:
@@ -168,6 +214,7 @@ def test_ce(model: LM, test: TokenSet, cfg, bos: int, device: str) -> float:
             _, loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
         nats += float(loss) * n  # the model's loss is the mean over the targets that are not -1
         count += n
+    nats, count = distributed.all_sum([nats, count])
     return nats / count
 
 
@@ -219,33 +266,50 @@ def diversity(docs: list[np.ndarray], bos: int, eos: int) -> dict[str, float]:
 
 
 def sample_shards(model: LM, size: int, cfg, vocab_size: int, bos: int, eos: int, seed: int, folder: Path, device: str) -> TokenSet:
-    """Exactly `size` tokens of sampled documents, as shards under `folder` (kept across a resume)."""
+    """Exactly `size` tokens of sampled documents, as shards under `folder` (kept across a resume). With W
+    ranks, shard k is sampled by rank k mod W, W shards a round, and rank 0 writes each round's shards."""
     quotas = [min(cfg.shard_tokens, size - i) for i in range(0, size, cfg.shard_tokens)]
     stems = [folder / f"shard-{k:05d}" for k in range(len(quotas))]
     plan = dict(size=size, seed=seed, quotas=quotas, config=cfg.model_dump(mode="json"))
-    plan_path = folder / "sample.json"
-    if plan_path.exists() and json.loads(plan_path.read_text()) != plan:
-        for p in folder.glob("shard-*.npy"):  # another sampling's shards: not ours to keep
-            p.unlink()
-    atomic_write_json(plan_path, plan)
-    done = sum(q for q, s in zip(quotas, stems) if shard_exists(s))
-    bar = tqdm(total=size, initial=done, unit="tok", unit_scale=True, desc="sample", disable=None, leave=False)
-    for k, (quota, stem) in enumerate(zip(quotas, stems)):
-        if shard_exists(stem):
+    if distributed.is_writer():
+        plan_path = folder / "sample.json"
+        if plan_path.exists() and json.loads(plan_path.read_text()) != plan:
+            for p in folder.glob("shard-*.npy"):  # another sampling's shards: not ours to keep
+                p.unlink()
+        atomic_write_json(plan_path, plan)
+    todo = set(distributed.broadcast([k for k, stem in enumerate(stems) if not shard_exists(stem)]))  # rank 0 decides
+    W, r = distributed.world_size(), distributed.rank()
+    dtype = token_dtype(vocab_size)
+    bar = tqdm(total=size, initial=size - sum(quotas[k] for k in todo), unit="tok", unit_scale=True, desc="sample",
+               disable=None if distributed.is_writer() else True, leave=False)
+    for first in range(0, len(quotas), W):
+        if todo.isdisjoint(range(first, first + W)):
             continue
-        g = _generator(derive_seed(seed, "shard", k), device)
-        docs, have = [], 0
-        while have < quota:
-            for doc in generate_docs(model, cfg.sample_batch, cfg, bos, eos, g, device):
-                doc = doc[: quota - have]  # the last document is cut so the shard holds exactly its quota
-                docs.append(doc)
-                have += len(doc)
-                bar.update(len(doc))
-                if have == quota:
-                    break
-        write_shard(stem, docs, token_dtype(vocab_size))
+        k = first + r
+        docs = _sample_shard(model, quotas[k], cfg, bos, eos, derive_seed(seed, "shard", k), device, bar, dtype) if k in todo else None
+        for i, theirs in enumerate(distributed.gather(docs) or []):  # rank 0: the round's shards, in shard order
+            if theirs is not None:
+                write_shard(stems[first + i], theirs, dtype)
+                if i:
+                    bar.update(quotas[first + i])
     bar.close()
+    distributed.barrier()  # every shard is on disk before the other ranks open them
     return TokenSet.open(stems)
+
+
+def _sample_shard(model: LM, quota: int, cfg, bos: int, eos: int, seed: int, device: str, bar, dtype) -> list[np.ndarray]:
+    """The documents of one shard: exactly `quota` tokens, drawn from `seed` alone (whichever rank draws it)."""
+    g = _generator(seed, device)
+    docs, have = [], 0
+    while have < quota:
+        for doc in generate_docs(model, cfg.sample_batch, cfg, bos, eos, g, device):
+            doc = doc[: quota - have]  # the last document is cut so the shard holds exactly its quota
+            docs.append(doc.astype(dtype))  # as stored: a half or a quarter of the bytes to send to rank 0
+            have += len(doc)
+            bar.update(len(doc))
+            if have == quota:
+                break
+    return docs
 
 
 def load_shards(folder: Path) -> TokenSet:
