@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -254,7 +255,7 @@ def train_tokenizer(stories: list[str], vocab_size: int, cache_dir: Path):
     )
     tok.train_from_iterator(stories, trainer=trainer, length=len(stories))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{id(tok)}.tmp")
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")  # unique across processes sharing the cache
     tok.save(str(tmp))
     tmp.replace(path)  # atomic: a half-written tokenizer is never picked up
     return tok, path
