@@ -1,6 +1,7 @@
 """Sweeps: a grid of ordinary runs on the local backend and on a real local Ray, results table, failures,
 resume after a kill, the lock, bad input, and the faceted report."""
 
+import fcntl
 import json
 import os
 import signal
@@ -205,9 +206,19 @@ iterations = [2, 60]
         while not long_cell.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the sweep and the cell it runs
+        os.kill(first.pid, signal.SIGKILL)  # the sweep alone: its running cell must die with it
         first.wait()
     assert long_cell.exists()
+    with open(out / "iterations-60" / ".lock", "rb") as lock:  # the orphaned cell lets go of its run directory
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the cell outlived its killed sweep"
+                time.sleep(0.05)
+        fcntl.flock(lock, fcntl.LOCK_UN)
     manifest = json.loads((out / "iterations-60" / "manifest.json").read_text())
     assert manifest["status"] == "running"  # killed mid-cell
     assert not (out / "results.csv").exists()

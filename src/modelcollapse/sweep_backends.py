@@ -47,11 +47,22 @@ def run_cell(job: Job, threads: str) -> dict:
         log.write(f"=== {now()} OMP_NUM_THREADS={threads} {' '.join(cmd)}\n")
         log.flush()
         start = log.tell()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=job.cwd).returncode
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=job.cwd,
+                            preexec_fn=die_with_parent).returncode
     seconds = round(time.perf_counter() - t0, 3)
     if rc == 0:
         return {"status": "done", "error": None, "seconds": seconds}
     return {"status": "bad-input" if rc == 2 else "failed", "error": error_line(Path(job.log), start, rc), "seconds": seconds}
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: on Linux, ask for SIGTERM when the sweep (or Ray worker) that started it
+    dies, even by SIGKILL, so a killed sweep leaves no cell running that would hold its run directory."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def error_line(log: Path, start: int, rc: int) -> str:
