@@ -1,6 +1,7 @@
 """The loop and the run directory: determinism, fast path = generic loop, resume after a kill, lock."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -47,6 +48,10 @@ def test_run_directory_follows_the_contract(tmp_path):
             assert (gen / "synthetic_y.npy").exists() == (n < 4)  # the last model need not sample
     grown = np.load(out / "replace-grown" / "seed-0" / "gen-2" / "synthetic_y.npy")
     assert len(grown) == 3 * 12  # generation 3 of replace-grown trains on 3·T samples of model 2
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (out / "manifest.json", out / "replace" / "seed-0" / "gen-1" / "w_hat.npy"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by whoever may read the user's files
 
 
 def test_same_config_gives_bit_identical_metrics(tmp_path):
