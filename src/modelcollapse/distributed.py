@@ -153,7 +153,9 @@ def data_parallel(model: torch.nn.Module, device: str) -> torch.nn.Module:
 def launch(nproc: int, device: str, args: list[str]) -> int:
     """Run `python -m modelcollapse ARGS` as `nproc` ranks on this node, as `torchrun --standalone` does
     (the same launcher, in this process), each on its own GPU when `device` is cuda. Returns the exit code:
-    0; 2 when a rank stopped on bad input (it printed the line); else 1."""
+    0; 2 when a rank stopped on bad input (it printed the line); 128 + the signal that stopped the launcher;
+    else 1."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -164,11 +166,16 @@ def launch(nproc: int, device: str, args: list[str]) -> int:
 
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun's habit, but a share of the cores rather than 1
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we report failures ourselves
+    for name in list(logging.root.manager.loggerDict):  # we report failures ourselves (its loggers set their own levels)
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", max_restarts=0)
     try:
         elastic_launch(config, sys.executable)("-m", "modelcollapse", *args)
+    except SignalException as e:  # Ctrl-C or kill: the launcher has stopped the ranks
+        print(f"interrupted ({e.sigval.name})", file=sys.stderr)
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         codes = {f.exitcode for f in e.failures.values()}
         if 2 in codes:
