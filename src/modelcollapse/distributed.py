@@ -68,6 +68,7 @@ def process_group(device: str):
     if not launched():
         yield device
         return
+    _end_with_launcher()
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
@@ -77,6 +78,17 @@ def process_group(device: str):
     atexit.register(_close)
     yield device
     _close()
+
+
+def _end_with_launcher() -> None:
+    """On Linux, have this rank ended when its launcher ends, even by kill -9: the launcher starts each rank
+    in a session of its own, out of reach of a signal to the launcher's process group."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _close() -> None:
