@@ -131,6 +131,22 @@ def test_report_on_a_sweep_draws_a_panel_per_cell(linreg_local, tmp_path):
     assert all(f"| {c} |" in summary for c in LINREG_CELLS)
 
 
+def test_an_axis_of_tables_sets_its_keys_together(env, tmp_path_factory, tmp_path):
+    text = LINREG.replace('"linreg.T" = [6, 20]', 'size = [{ "linreg.d" = 2, "linreg.T" = 6 }, { "linreg.d" = 4, "linreg.T" = 20 }]')
+    root, r = sweep(tmp_path_factory, "linked", text)
+    assert r.returncode == 0, r.stderr
+    out = root / "out"
+    names = ["size-2_sigma2-0.5", "size-2_sigma2-1.0", "size-4_sigma2-0.5", "size-4_sigma2-1.0"]
+    assert sorted(c["name"] for c in json.loads((out / "sweep.json").read_text())["cells"]) == sorted(names)
+    manifest = json.loads((out / "size-4_sigma2-1.0" / "manifest.json").read_text())
+    assert manifest["config"]["linreg"]["d"] == 4 and manifest["config"]["linreg"]["T"] == 20
+    header = (out / "results.csv").read_text().splitlines()[0]
+    assert header.replace('"', "") == "cell,linreg.d,linreg.T,linreg.sigma2,policy,seed,iteration,metric,value"
+    r = cli("report", out, "--out", tmp_path / "rep")  # faceted by the two axes, size x sigma2
+    assert r.returncode == 0, r.stderr
+    assert "| cell | size | sigma2 | replace (last iteration) |" in (tmp_path / "rep" / "summary.md").read_text()
+
+
 def test_tiny_lm_grid(lm_local):
     out = lm_local / "out"
     index = json.loads((out / "sweep.json").read_text())
@@ -245,6 +261,7 @@ def test_bad_sweep_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
         ("extra = 1\n" + LINREG, "unknown key(s) ['extra']"),
         (LINREG.replace('"linreg.sigma2" = [0.5, 1.0]', '"linreg.sigma2" = [0.5, -1.0]'), "sweep cell T-6_sigma2--1.0: config error: linreg.sigma2"),
         (LINREG.replace('"linreg.T" = [6, 20]', '"linreg.T" = []'), "'grid' must map config keys to non-empty lists"),
+        (LINREG.replace('"linreg.T" = [6, 20]', 'size = [{ "linreg.T" = 6 }, 20]'), "grid axis 'size' mixes tables and values"),
     ):
         s.write_text(text)
         r = cli("sweep", s, "--out", tmp_path / "out")

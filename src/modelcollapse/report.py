@@ -41,7 +41,7 @@ class Run:
         self.policies = [p["name"] if "real_fraction" not in p else f"{p['name']}-{p['real_fraction']:g}" for p in cfg["policies"]]
         self.seeds = cfg["seeds"]
         self.sweep: SweepDir | None = None  # set when the run is a cell of a sweep directory
-        self.overrides: dict = {}
+        self.axes: dict = {}  # its place on each grid axis, when it is a sweep cell
 
     def table(self, metric: str) -> dict[str, dict[int, list[float]]]:
         """policy -> iteration -> values over seeds."""
@@ -62,13 +62,14 @@ class SweepDir:
         index = read_json(path / "sweep.json")
         self.path, self.name = path, index["name"]
         cells = index["cells"]
-        self.keys = list(cells[0]["overrides"])
-        self.values = {k: list(dict.fromkeys(json.dumps(c["overrides"][k]) for c in cells)) for k in self.keys}
+        axes = [c.get("axes") or c["overrides"] for c in cells]  # a linked axis is one key here
+        self.keys = list(axes[0])
+        self.values = {k: list(dict.fromkeys(json.dumps(a[k]) for a in axes)) for k in self.keys}
         self.runs = []
-        for c in cells:
+        for c, a in zip(cells, axes):
             if (path / c["name"] / "manifest.json").exists():
                 run = Run(path / c["name"])
-                run.sweep, run.overrides = self, c["overrides"]
+                run.sweep, run.axes = self, a
                 self.runs.append(run)
 
     def short(self, key: str) -> str:
@@ -77,12 +78,12 @@ class SweepDir:
         return tail if sum(k.split(".")[-1] == tail for k in self.keys) == 1 else key
 
     def title(self, run: Run) -> str:
-        return ", ".join(f"{self.short(k)}={v}" for k, v in run.overrides.items())
+        return ", ".join(f"{self.short(k)}={v}" for k, v in run.axes.items())
 
     def slot(self, run: Run) -> int:
         """The run's panel: row-major over (first key, second key) for a two-key grid, else grid order."""
         if len(self.keys) == 2:
-            a, b = (self.values[k].index(json.dumps(run.overrides[k])) for k in self.keys)
+            a, b = (self.values[k].index(json.dumps(run.axes[k])) for k in self.keys)
             return a * len(self.values[self.keys[1]]) + b
         return self.runs.index(run)
 
@@ -216,7 +217,7 @@ def sweep_table(sweep: SweepDir, metric: str) -> tuple[list[str], list[list[str]
     body = []
     for run in runs:
         table = run.table(metric)
-        row = [run.path.name, *(str(run.overrides[k]) for k in sweep.keys)]
+        row = [run.path.name, *(str(run.axes[k]) for k in sweep.keys)]
         for p in policies:
             if table.get(p):
                 m, h = mean_ci(table[p][max(table[p])])

@@ -5,6 +5,8 @@
     ...
     [grid]
     "linreg.T" = [20, 50, 111]  # any config key; cells are the cross product
+    size = [{ "lm.model" = "llama2-12m", "lm.lr" = 1e-3 }, { "lm.model" = "llama2-42m", "lm.lr" = 6e-4 }]
+                                # an axis of tables: keys set together, the axis named by its label
 
 The sweep directory:
 
@@ -46,16 +48,17 @@ FAILED = ("failed", "bad-input")
 @dataclass
 class Cell:
     name: str  # folder name, e.g. "T-20"
-    overrides: dict  # {"linreg.T": 20}
+    overrides: dict  # every key the grid set: {"linreg.T": 20}
     config: configlib.ExperimentConfig
     raw: dict  # the config as given (TOML values only): what configs/<cell>.toml holds
+    axes: dict | None = None  # the cell's place on each grid axis: {"linreg.T": 20} or {"size": "llama2-12m"}
     status: str = "pending"  # pending | done | failed | bad-input
     error: str | None = None  # the line that says why it failed
     seconds: float | None = None
     skipped: bool = False  # already done when this sweep began: not launched again
 
     def record(self) -> dict:
-        return dict(name=self.name, overrides=self.overrides, status=self.status, error=self.error,
+        return dict(name=self.name, overrides=self.overrides, axes=self.axes, status=self.status, error=self.error,
                     seconds=self.seconds, skipped=self.skipped, log=f"logs/{self.name}.log", config=f"configs/{self.name}.toml")
 
 
@@ -87,12 +90,19 @@ def load_sweep(path: Path, overrides: list[str] = ()) -> tuple[str, list[Cell]]:
     grid = raw.get("grid")
     if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
         raise BadInput(f"sweep {path}: 'grid' must map config keys to non-empty lists of values")
+    for label, values in grid.items():
+        linked = [isinstance(v, dict) for v in values]
+        if any(linked) and not (all(linked) and all(v and list(v) == list(values[0]) for v in values)):
+            raise BadInput(f"sweep {path}: grid axis {label!r} mixes tables and values, or its tables set different keys")
     base.setdefault("name", Path(path).stem)
     base = configlib.apply_overrides(base, list(overrides))
     cells = []
     for values in itertools.product(*grid.values()):
-        chosen = dict(zip(grid, values))
-        name = "_".join(f"{k.split('.')[-1]}-{_value_name(v)}" for k, v in chosen.items())
+        axes = {k: next(iter(v.values())) if isinstance(v, dict) else v for k, v in zip(grid, values)}
+        chosen = {}
+        for k, v in zip(grid, values):
+            chosen.update(v if isinstance(v, dict) else {k: v})
+        name = "_".join(f"{k.split('.')[-1]}-{_value_name(v)}" for k, v in axes.items())
         raw_cell = copy.deepcopy(base)
         for k, v in chosen.items():
             configlib.set_key(raw_cell, k, v)
@@ -101,7 +111,7 @@ def load_sweep(path: Path, overrides: list[str] = ()) -> tuple[str, list[Cell]]:
             cfg = configlib.from_dict(raw_cell)
         except BadInput as e:
             raise BadInput(f"sweep cell {name}: {e}") from None
-        cells.append(Cell(name, chosen, cfg, raw_cell))
+        cells.append(Cell(name, chosen, cfg, raw_cell, axes=axes))
     return base["name"], cells
 
 
