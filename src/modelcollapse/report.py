@@ -129,8 +129,12 @@ def theory_for(run: Run, policy: str, iterations: int):
     return curve(module.Config(**run.config[run.family]), policy, iterations)
 
 
+FEW_SEEDS = 3
+
+
 def draw_panel(ax, run: Run, metric: str, with_theory: bool, legend: bool = True) -> None:
-    """Mean over seeds per iteration with its 95% interval, a line per policy, theory dashed."""
+    """Mean over seeds per iteration with its 95% interval (each seed's line instead, faint, for up to
+    FEW_SEEDS seeds), a line per policy, theory dashed."""
     table = run.table(metric)
     lows, highs = [], []
     for i, policy in enumerate(p for p in run.policies if p in table):
@@ -140,8 +144,13 @@ def draw_panel(ax, run: Run, metric: str, with_theory: bool, legend: bool = True
         lows.append(m.min())
         highs.append(m.max())
         style = "o-" if len(its) <= 30 else "-"
-        ax.plot(its, m, style, color=color, ms=3, label=f"{policy} (n={len(table[policy][its[0]])})")
-        ax.fill_between(its, m - h, m + h, color=color, alpha=0.2)
+        n_seeds = len(table[policy][its[0]])
+        ax.plot(its, m, style, color=color, ms=3, label=f"{policy} (n={n_seeds})")
+        if n_seeds <= FEW_SEEDS:  # a t-interval on 2 or 3 seeds is mostly its t quantile (12.7 for 2): show the seeds
+            for k in range(n_seeds):
+                ax.plot(its, [table[policy][n][k] if k < len(table[policy][n]) else np.nan for n in its], "-", color=color, lw=0.7, alpha=0.35)
+        else:
+            ax.fill_between(its, m - h, m + h, color=color, alpha=0.2)
         theory = theory_for(run, policy, max(its)) if with_theory else None
         if theory is not None:
             ax.plot(range(1, len(theory) + 1), theory, "--", color=color, lw=1.2, label=f"{policy} theory")
