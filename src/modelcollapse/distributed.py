@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from modelcollapse.errors import BadInput
+from modelcollapse.procs import die_with_parent
 
 # A rank waits at a collective for as long as another works alone: rank 0 sampling the evaluation stories,
 # or the last round of shards when it has fewer shards than ranks. The defaults (10 min for NCCL, 30 for gloo)
@@ -68,7 +69,7 @@ def process_group(device: str):
     if not launched():
         yield device
         return
-    _end_with_launcher()
+    die_with_parent()  # the launcher starts each rank in a session of its own, out of reach of its signals
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
@@ -78,17 +79,6 @@ def process_group(device: str):
     atexit.register(_close)
     yield device
     _close()
-
-
-def _end_with_launcher() -> None:
-    """On Linux, have this rank ended when its launcher ends, even by kill -9: the launcher starts each rank
-    in a session of its own, out of reach of a signal to the launcher's process group."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _close() -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from modelcollapse.errors import BadInput
+from modelcollapse.procs import die_with_parent
 from modelcollapse.store import now
 
 RAY_MISSING = "--backend ray needs Ray: pip install modelcollapse[ray]"
@@ -53,16 +54,6 @@ def run_cell(job: Job, threads: str) -> dict:
     if rc == 0:
         return {"status": "done", "error": None, "seconds": seconds}
     return {"status": "bad-input" if rc == 2 else "failed", "error": error_line(Path(job.log), start, rc), "seconds": seconds}
-
-
-def die_with_parent() -> None:
-    """In the child, before exec: on Linux, ask for SIGTERM when the sweep (or Ray worker) that started it
-    dies, even by SIGKILL, so a killed sweep leaves no cell running that would hold its run directory."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def error_line(log: Path, start: int, rc: int) -> str:
