@@ -219,6 +219,18 @@ def plot_facets(sweep: SweepDir, metric: str, path: Path, with_theory: bool) -> 
     save(fig, path)
 
 
+def last_values(table: dict, policies: list[str]) -> list[str]:
+    """Each policy's value at its last iteration, mean ± 95% CI over seeds ("" where it has none)."""
+    cells = []
+    for p in policies:
+        if table.get(p):
+            m, h = mean_ci(table[p][max(table[p])])
+            cells.append(f"{m:.4g} ± {h:.2g}" if h else f"{m:.4g}")
+        else:
+            cells.append("")
+    return cells
+
+
 def sweep_table(sweep: SweepDir, metric: str) -> tuple[list[str], list[list[str]]]:
     """A row per cell: its overrides, then each policy's metric at the last iteration (mean ± 95% CI)."""
     runs = [r for r in sweep.runs if metric in r.metrics()]
@@ -226,14 +238,7 @@ def sweep_table(sweep: SweepDir, metric: str) -> tuple[list[str], list[list[str]
     body = []
     for run in runs:
         table = run.table(metric)
-        row = [run.path.name, *(str(run.axes[k]) for k in sweep.keys)]
-        for p in policies:
-            if table.get(p):
-                m, h = mean_ci(table[p][max(table[p])])
-                row.append(f"{m:.4g} ± {h:.2g}" if h else f"{m:.4g}")
-            else:
-                row.append("")
-        body.append(row)
+        body.append([run.path.name, *(str(run.axes[k]) for k in sweep.keys), *last_values(table, policies)])
     return ["cell", *map(sweep.short, sweep.keys), *(f"{p} (last iteration)" for p in policies)], body
 
 
@@ -243,14 +248,7 @@ def final_table(run: Run, metrics: list[str]) -> tuple[list[str], list[list[str]
     body = []
     for metric in metrics:
         table = run.table(metric)
-        row = [metric]
-        for p in policies:
-            if table.get(p):
-                m, h = mean_ci(table[p][max(table[p])])
-                row.append(f"{m:.4g} ± {h:.2g}" if h else f"{m:.4g}")
-            else:
-                row.append("")
-        body.append(row)
+        body.append([metric, *last_values(table, policies)])
     return ["metric (last iteration)", *policies], body
 
 
