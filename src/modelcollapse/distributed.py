@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from modelcollapse.errors import BadInput
-from modelcollapse.procs import die_with_parent
+from modelcollapse.procs import die_with_parent, threads_each
 
 # A rank waits at a collective for as long as another works alone: rank 0 sampling the evaluation stories,
 # or the last round of shards when it has fewer shards than ranks. The defaults (10 min for NCCL, 30 for gloo)
@@ -166,8 +166,7 @@ def launch(nproc: int, device: str, args: list[str]) -> int:
     if device == "cuda" and nproc > torch.cuda.device_count():
         raise BadInput(f"--nproc {nproc} needs a GPU per process; this node has {torch.cuda.device_count()}")
 
-    if "OMP_NUM_THREADS" not in os.environ:  # torchrun's habit, but a share of the cores rather than 1
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    os.environ["OMP_NUM_THREADS"] = threads_each(nproc)  # torchrun's habit, but a share of the cores rather than 1
     for name in list(logging.root.manager.loggerDict):  # we report failures ourselves (its loggers set their own levels)
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)

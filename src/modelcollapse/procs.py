@@ -1,7 +1,8 @@
-"""Child processes that do not outlive the process that started them."""
+"""Child processes: how many threads each gets, and that they do not outlive the process that started them."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -14,3 +15,8 @@ def die_with_parent() -> None:
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def threads_each(n: int) -> str:
+    """OMP_NUM_THREADS for each of n processes sharing this machine: the user's choice, else a share of the cores."""
+    return os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))

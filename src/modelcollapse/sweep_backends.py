@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from modelcollapse.errors import BadInput
-from modelcollapse.procs import die_with_parent
+from modelcollapse.procs import die_with_parent, threads_each
 from modelcollapse.store import now
 
 RAY_MISSING = "--backend ray needs Ray: pip install modelcollapse[ray]"
@@ -76,7 +76,7 @@ Done = Callable[[Job, dict], None]  # called in the sweep's own thread as each c
 
 def run_local(jobs: list[Job], workers: int, done: Done) -> None:
     """At most `workers` children at once, each with cpu_count // workers threads unless the user chose."""
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // workers))
+    threads = threads_each(workers)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # threads that wait on child processes
         futures = {pool.submit(run_cell, job, threads): job for job in jobs}
         for future in as_completed(futures):
