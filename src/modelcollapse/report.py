@@ -312,11 +312,23 @@ def samples_section(run: Run, out: Path, index: int) -> str:
     return "".join(parts)
 
 
+def primary_first(runs: list[Run], primary: str | None) -> list[str]:
+    """Every metric of the runs, in the order they appear, the family's primary metric first."""
+    return sorted(dict.fromkeys(m for r in runs for m in r.metrics()), key=lambda m: m != primary)
+
+
+def add_samples(shown: list[Run], runs: list[Run], out: Path, body: list[str]) -> None:
+    """The sample galleries of `shown`, numbered by their place among all the report's `runs`."""
+    for r in shown:
+        section = samples_section(r, out, runs.index(r))
+        if section:
+            body.append(f"<h3>samples: {html.escape(r.name)}</h3>{section}")
+
+
 def sweep_section(sweep: SweepDir, index: int, runs: list[Run], out: Path, body: list[str], md: list[str]) -> None:
     """A sweep: per metric (the family's primary first) a faceted figure and a table of the cells."""
     primary = family_extras(sweep.runs[0].family)[0] if sweep.runs else None
-    metrics = list(dict.fromkeys(m for r in sweep.runs for m in r.metrics()))
-    metrics.sort(key=lambda m: m != primary)
+    metrics = primary_first(sweep.runs, primary)
     body.append(f"<h2>sweep {html.escape(sweep.name)} ({html.escape(str(sweep.path))})</h2>")
     md += [f"## sweep {sweep.name}", ""]
     for metric in metrics:
@@ -325,10 +337,7 @@ def sweep_section(sweep: SweepDir, index: int, runs: list[Run], out: Path, body:
         header, rows = sweep_table(sweep, metric)
         body.append(f"<h3>{html.escape(metric)}</h3><img src='{png}' style='max-width:100%'>{html_table(header, rows)}")
         md += [f"### {metric}", "", f"![{metric}]({png})", "", markdown(header, rows), ""]
-    for r in sweep.runs:
-        section = samples_section(r, out, runs.index(r))
-        if section:
-            body.append(f"<h3>samples: {html.escape(r.name)}</h3>{section}")
+    add_samples(sweep.runs, runs, out, body)
 
 
 def write_report(dirs: list[Path], out: Path) -> Path:
@@ -346,8 +355,7 @@ def write_report(dirs: list[Path], out: Path) -> Path:
             by_family[r.family].append(r)
     for family, fruns in by_family.items():
         primary = family_extras(family)[0]
-        metrics = list(dict.fromkeys(m for r in fruns for m in r.metrics()))
-        metrics.sort(key=lambda m: m != primary)
+        metrics = primary_first(fruns, primary)
         body.append(f"<h2>{html.escape(family)}</h2>")
         md += [f"## {family}", ""]
         others = metrics[1:] if metrics and metrics[0] == primary else metrics
@@ -372,10 +380,7 @@ def write_report(dirs: list[Path], out: Path) -> Path:
             caption = f"{r.name}: every other metric"
             body.append(f"<h3>{html.escape(caption)}</h3><img src='{png}' style='max-width:100%'>{html_table(header, rows)}")
             md += [f"### {caption}", "", f"![{caption}]({png})", "", markdown(header, rows), ""]
-        for r in fruns:
-            section = samples_section(r, out, runs.index(r))
-            if section:
-                body.append(f"<h3>samples: {html.escape(r.name)}</h3>{section}")
+        add_samples(fruns, runs, out, body)
     (out / "summary.md").write_text("\n".join(md) + "\n")
     style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;margin:8px 0}"
              "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}.row{display:flex;flex-wrap:wrap}"
