@@ -112,7 +112,7 @@ def sweep(
     results = run_sweep(sweep_file, out, set_, workers=workers, backend=backend.value, address=address)
     failed = [c for c, status in results if status != "done"]
     for cell in failed:
-        typer.echo(f"failed: {cell.name} ({cell.status}): {cell.error}  [log: {out / 'logs' / (cell.name + '.log')}]", err=True)
+        typer.echo(f"failed: {cell.name} ({cell.status}): {cell.error}  [log: {out / cell.log}]", err=True)
     skipped = sum(c.skipped for c, _ in results)
     typer.echo(f"done: {len(results) - len(failed)}/{len(results)} cells ({skipped} already done) in {out}")
     if failed:

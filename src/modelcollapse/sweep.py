@@ -57,9 +57,17 @@ class Cell:
     seconds: float | None = None
     skipped: bool = False  # already done when this sweep began: not launched again
 
+    @property
+    def log(self) -> str:
+        return f"logs/{self.name}.log"  # relative to the sweep directory
+
+    @property
+    def config_file(self) -> str:
+        return f"configs/{self.name}.toml"
+
     def record(self) -> dict:
         return dict(name=self.name, overrides=self.overrides, axes=self.axes, status=self.status, error=self.error,
-                    seconds=self.seconds, skipped=self.skipped, log=f"logs/{self.name}.log", config=f"configs/{self.name}.toml")
+                    seconds=self.seconds, skipped=self.skipped, log=self.log, config=self.config_file)
 
 
 def is_sweep(raw: dict) -> bool:
@@ -144,7 +152,7 @@ def run_sweep(path: Path, out: Path, overrides: list[str] = (), workers: int | N
     for cell in cells:  # refuse foreign DIRs before any cell runs
         RunDir.check(out / cell.name, cell.config.hash())
     env = {k: v for k, v in os.environ.items() if k.startswith("MODELCOLLAPSE_")}
-    jobs = [Job(c.name, str(out / "configs" / f"{c.name}.toml"), str(out / c.name), str(out / "logs" / f"{c.name}.log"),
+    jobs = [Job(c.name, str(out / c.config_file), str(out / c.name), str(out / c.log),
                 str(Path.cwd()), c.config.cpus, c.config.gpus, env) for c in cells]
     cluster = RayCluster(address, workers, jobs) if backend == "ray" else contextlib.nullcontext()
     created = not out.exists()
@@ -154,7 +162,7 @@ def run_sweep(path: Path, out: Path, overrides: list[str] = (), workers: int | N
                 manifest = out / cell.name / "manifest.json"
                 cell.skipped = manifest.exists() and read_json(manifest).get("status") == "done"
                 cell.status = "done" if cell.skipped else "pending"
-                atomic_write_bytes(out / "configs" / f"{cell.name}.toml", tomli_w.dumps(cell.raw).encode())
+                atomic_write_bytes(out / cell.config_file, tomli_w.dumps(cell.raw).encode())
             (out / "logs").mkdir(exist_ok=True)
             write_index(out, name, path, backend, cells)
             by_name = {c.name: c for c in cells}
