@@ -124,6 +124,21 @@ def test_generate_is_deterministic_given_the_generator_and_stops_at_eos():
     assert torch.equal(short.generate(bos + 1, 25, temperature=0, eos_id=0), torch.tensor([[1, 0]] * 32))
 
 
+def test_compiled_decoding_follows_each_model_and_its_current_weights():
+    """On the CPU the compiled decoding step folds a model's weights into its graph: a second model, or the
+    first one after an in-place update, must get a graph of its own, never the stale one."""
+    first, second = sharp(tiny("llama2", tie_embeddings=False)), sharp(tiny("gpt2"))
+    prompt = torch.randint(0, 61, (3, 2), generator=torch.Generator().manual_seed(3))
+    greedy = lambda model, compile: model.generate(prompt, 12, temperature=0, compile=compile)
+    for model in (first, second, first):
+        assert torch.equal(greedy(model, True), greedy(model, False))
+    before = greedy(first, True)
+    with torch.no_grad():
+        first.lm_head.weight.copy_(torch.randn_like(first.lm_head.weight) * 20)
+    after = greedy(first, True)
+    assert torch.equal(after, greedy(first, False)) and not torch.equal(after, before)
+
+
 def test_generate_rejects_positions_past_block_size():
     model = tiny("gpt2")
     with pytest.raises(ValueError, match="block_size"):

@@ -358,6 +358,23 @@ class LM(nn.Module):
         h = self._trunk(x, pos, caches)[:, -1]  # (B, C): only the last position is sampled from
         return sample_tokens(self.lm_head(h), u, temperature, top_k, top_p)
 
+    def _compiled_step(self):
+        """`_next_tokens`, torch.compiled. On the CPU with freezing: the weights are folded into the graph as
+        constants and the linears run as oneDNN kernels on weights packed once (~1.6x faster decoding than MKL
+        matmuls that repack the weights at every call), so the graph belongs to this model and these weights:
+        it is kept on the model and rebuilt when any parameter was changed in place (its version moved), the
+        graphs of earlier models dropped first (so a loop of many generations stays within dynamo's recompile
+        limit and does not pile up their compiled code). Elsewhere one graph serves every model, the weights
+        being its inputs."""
+        if self.lm_head.weight.device.type != "cpu":
+            return torch.compile(self._next_tokens, dynamic=True)
+        versions = tuple(p._version for p in self.parameters())
+        if getattr(self, "_step_versions", None) != versions:
+            torch._dynamo.reset_code(LM._next_tokens.__code__)
+            self._step = torch.compile(self._next_tokens, dynamic=True, options={"freezing": True})
+            self._step_versions = versions
+        return self._step
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_id: int | None = None, generator: torch.Generator | None = None,
@@ -370,8 +387,8 @@ class LM(nn.Module):
         dropped from the batch once they are a quarter of it, so long documents do not keep short ones
         computing. Every step draws one uniform per original row from `generator`, whether the row is still
         running or not, so a row's tokens depend only on the generator's seed and its own history.
-        compile: torch.compile the decoding step (one graph for every step and batch size; worth it for long
-        sampling runs, ~1 min to compile on a small CPU)."""
+        compile: torch.compile the decoding step (`_compiled_step`: a graph for every step and batch size;
+        worth it for long sampling runs, ~1 min to compile on a small CPU)."""
         B, T0 = idx.size()
         L = T0 + max_new_tokens
         if L > self.config.block_size:
@@ -379,7 +396,7 @@ class LM(nn.Module):
         c, dev = self.config, idx.device
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.lm_head.weight.dtype
         caches = [KVCache(B, c.n_head, L, c.n_embd // c.n_head, dtype, dev) for _ in self.blocks]
-        step = torch.compile(self._next_tokens, dynamic=True) if compile else self._next_tokens
+        step = self._compiled_step() if compile else self._next_tokens
         out = idx.new_full((B, L), 0 if eos_id is None else eos_id)
         out[:, :T0] = idx
         rows = torch.arange(B, device=dev)  # the rows of `out` the running batch holds
