@@ -164,8 +164,8 @@ class Attention(nn.Module):
             att = torch.matmul(q * self.hs**-0.5, k.transpose(-2, -1))  # (B, nh, 1, L)
             y = torch.matmul(att.softmax(dim=-1), v)  # (B, nh, 1, hs)
         else:
-            # training, or a prompt written at position 0 of the cache: causal
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1)
+            # training, or a prompt written at position 0 of the cache: queries and keys are the same T positions
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_drop(self.out(y))
 
@@ -371,8 +371,16 @@ class LM(nn.Module):
         versions = tuple(p._version for p in self.parameters())
         if getattr(self, "_step_versions", None) != versions:
             torch._dynamo.reset_code(LM._next_tokens.__code__)
-            self._step = torch.compile(self._next_tokens, dynamic=True, options={"freezing": True})
-            self._step_versions = versions
+            # fullgraph: no graph break, so no frame outside this graph freezes weights it cannot see change;
+            # graphs are specialised on the first step, a batch of one row and the sampling settings: room for many
+            compiled = torch.compile(self._next_tokens, dynamic=True, fullgraph=True, recompile_limit=64)
+
+            def frozen(*args):
+                # dynamo reads the global flag when it traces (a recompile may come at any call), not compile's options
+                with torch._inductor.config.patch(freezing=True):
+                    return compiled(*args)
+
+            self._step, self._step_versions = frozen, versions
         return self._step
 
     @torch.no_grad()
