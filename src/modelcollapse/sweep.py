@@ -51,7 +51,7 @@ class Cell:
     overrides: dict  # every key the grid set: {"linreg.T": 20}
     config: configlib.ExperimentConfig
     raw: dict  # the config as given (TOML values only): what configs/<cell>.toml holds
-    axes: dict | None = None  # the cell's place on each grid axis: {"linreg.T": 20} or {"size": "llama2-12m"}
+    axes: dict  # the cell's place on each grid axis: {"linreg.T": 20} or {"size": "llama2-12m"}
     status: str = "pending"  # pending | done | failed | bad-input
     error: str | None = None  # the line that says why it failed
     seconds: float | None = None
@@ -106,10 +106,11 @@ def load_sweep(path: Path, overrides: list[str] = ()) -> tuple[str, list[Cell]]:
     base = configlib.apply_overrides(base, list(overrides))
     cells = []
     for values in itertools.product(*grid.values()):
-        axes = {k: next(iter(v.values())) if isinstance(v, dict) else v for k, v in zip(grid, values)}
-        chosen = {}
+        axes, chosen = {}, {}
         for k, v in zip(grid, values):
-            chosen.update(v if isinstance(v, dict) else {k: v})
+            linked = isinstance(v, dict)  # a table of keys, the axis valued by its first
+            axes[k] = next(iter(v.values())) if linked else v
+            chosen.update(v if linked else {k: v})
         name = "_".join(f"{k.split('.')[-1]}-{_value_name(v)}" for k, v in axes.items())
         raw_cell = copy.deepcopy(base)
         for k, v in chosen.items():
@@ -119,7 +120,7 @@ def load_sweep(path: Path, overrides: list[str] = ()) -> tuple[str, list[Cell]]:
             cfg = configlib.from_dict(raw_cell)
         except BadInput as e:
             raise BadInput(f"sweep cell {name}: {e}") from None
-        cells.append(Cell(name, chosen, cfg, raw_cell, axes=axes))
+        cells.append(Cell(name, chosen, cfg, raw_cell, axes))
     return base["name"], cells
 
 
