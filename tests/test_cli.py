@@ -16,7 +16,7 @@ BAD = {
     "negative sigma2": (GOOD + "sigma2 = -1.0\n", "linreg.sigma2"),
     "T below d + 2": (GOOD.replace("T = 10", "T = 4"), "d + 2"),
     "unknown family": (GOOD.replace('family = "linreg"', 'family = "gan"'), "unknown family 'gan'"),
-    "unknown policy": (GOOD.replace('"accumulate"]', '"hoard"]'), "policies.1.name"),
+    "unknown policy": (GOOD.replace('"accumulate"]', '"hoard"]'), "policies.1: unknown policy 'hoard'"),
     "mix without fraction": (GOOD.replace('"accumulate"]', '{name = "mix"}]'), "real_fraction"),
     "seeds zero": (GOOD.replace("seeds = 4", "seeds = 0"), "seeds"),
     "missing iterations": (GOOD.replace("iterations = 3\n", ""), "iterations: missing"),

@@ -13,7 +13,10 @@ import pytest
 from conftest import SRC, cli
 from modelcollapse import config as configlib
 from modelcollapse.errors import BadInput
-from modelcollapse.loop import run_experiment
+from modelcollapse.families import linreg
+from modelcollapse.loop import SHARED, run_experiment
+from modelcollapse.policies import from_spec
+from modelcollapse.seeding import stream_keys
 from modelcollapse.store import RunDir, read_json
 
 POLICIES = ["replace", "accumulate", "replace-grown", "accumulate-subsample",
@@ -38,6 +41,7 @@ def test_run_directory_follows_the_contract(tmp_path):
     rows = [json.loads(x) for x in lines(out)]
     assert {tuple(sorted(r)) for r in rows} == {("iteration", "metric", "policy", "seed", "value")}
     labels = ["replace", "accumulate", "replace-grown", "accumulate-subsample", "mix-0.5", "fresh-0.25"]
+    assert manifest["policy_labels"] == labels
     assert len(rows) == len(labels) * 3 * 4 * 2
     for label in labels:
         for n in range(1, 5):
@@ -45,9 +49,10 @@ def test_run_directory_follows_the_contract(tmp_path):
             assert (gen / "w_hat.npy").exists() and (gen / "metrics.json").exists()
             resources = read_json(gen / "resources.json")
             assert resources["seconds"] >= 0 and resources["peak_rss_mb"] > 0
-            assert (gen / "synthetic_y.npy").exists() == (n < 4)  # the last model need not sample
-    grown = np.load(out / "replace-grown" / "seed-0" / "gen-2" / "synthetic_y.npy")
-    assert len(grown) == 3 * 12  # generation 3 of replace-grown trains on 3·T samples of model 2
+            assert (gen / "synthetic.npz").exists() == (n < 4)  # the last model need not sample
+    family = linreg.Family(make().family_config)
+    grown = family.load_sample(out / "replace-grown" / "seed-0" / "gen-2")
+    assert family.size(grown) == 3 * 12  # generation 3 of replace-grown trains on 3·T samples of model 2
     umask = os.umask(0)
     os.umask(umask)
     for path in (out / "manifest.json", out / "replace" / "seed-0" / "gen-1" / "w_hat.npy"):
@@ -67,13 +72,53 @@ def test_generation_one_is_shared_by_every_policy(tmp_path):
 
 
 def test_fast_path_equals_the_generic_loop_on_the_same_draws(tmp_path):
-    policies = ["replace", "accumulate", "replace-grown"]
-    slow = run_experiment(make("loop", policies, seeds=5, iterations=6), tmp_path / "loop", progress=False)
-    fast = run_experiment(make("fast", policies, seeds=5, iterations=6), tmp_path / "fast", progress=False)
-    a, b = [[json.loads(x) for x in lines(p)] for p in (slow, fast)]
-    assert [(r["policy"], r["seed"], r["iteration"], r["metric"]) for r in a] == \
-           [(r["policy"], r["seed"], r["iteration"], r["metric"]) for r in b]
-    assert max(abs(x["value"] - y["value"]) for x, y in zip(a, b)) < 1e-9
+    slow = run_experiment(make("loop", seeds=5, iterations=6), tmp_path / "loop", progress=False)
+    fast = run_experiment(make("fast", seeds=5, iterations=6), tmp_path / "fast", progress=False)
+    a, b = [{(r["policy"], r["seed"], r["iteration"], r["metric"]): r["value"] for r in map(json.loads, lines(p))} for p in (slow, fast)]
+    assert a.keys() == b.keys() and len(a) == 6 * 5 * 6 * 2
+    assert max(abs(a[k] - b[k]) for k in a) < 1e-9
+    assert not list(fast.glob("*/seed-*"))  # one unit per policy, no folder per seed and generation
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=str)
+def test_fast_path_equals_plain_ols_on_the_stacked_labels(policy):
+    """The batched fit (cached XᵀX and Xᵀy of lazily drawn labellings) against np.linalg.lstsq on every
+    label of the training set, materialised from the same streams, generation by generation."""
+    policy, seeds, N = from_spec(policy), [3, 7], 5
+    family = linreg.Family(make().family_config)
+    real = family.real_data("train", np.array(seeds))
+    test = family.real_data("test", np.array(seeds))
+    pool = [real]
+    for n in range(1, N + 1):
+        key = SHARED if n == 1 else policy.label
+        train = policy.training_set(n, pool, family, stream_keys(seeds, key, n, "policy"),
+                                    fresh_real=lambda: family.real_data("train", np.array(seeds), draw=n - 1))
+        fast = family.fit(train, None, None).w_hat_
+        _, x, y = train.materialise()
+        assert x.shape[1] == family.size(train)
+        plain = np.stack([np.linalg.lstsq(x[i], y[i], rcond=None)[0] for i in range(len(seeds))])
+        assert np.abs(fast - plain).max() < 1e-9
+        errors = family.evaluate(linreg.Fitted(plain), test, None, None)["test_error"]
+        assert np.allclose(errors, np.sum((plain - test.w_star) ** 2, -1))
+        pool.append(family.sample(linreg.Fitted(fast), policy.synthetic_size(n + 1, 12), real, stream_keys(seeds, policy.label, n + 1, "sample"), None))
+
+
+def test_synthetic_labels_are_iid_gaussian_noise_around_the_model():
+    """A set of 3·T rows (replace-grown's) is drawn as each row's mean over its copies plus the copies'
+    deviations: its labels must still be x·ŵ + N(0, σ²), independent across copies and rows."""
+    from scipy import stats
+
+    family = linreg.Family(linreg.Config(d=3, T=12, sigma2=0.5, n_test=10))
+    seeds = np.arange(4000)
+    real = family.real_data("train", seeds)
+    w = np.random.default_rng(0).standard_normal((len(seeds), 3))
+    data = family.sample(linreg.Fitted(w), 3 * 12, real, stream_keys(seeds, "t", 2, "sample"), None)
+    rows, x, y = data.materialise()
+    eps = (y - np.einsum("snd,sd->sn", x, w)) / np.sqrt(0.5)  # (S, 36): copies c of row r at c·12 + r
+    assert abs(eps.mean()) < 4 / np.sqrt(eps.size) and abs(eps.var() - 1) < 0.01
+    corr = np.corrcoef(eps.T)
+    assert np.abs(corr - np.eye(36)).max() < 4.5 / np.sqrt(len(seeds))  # copies of one row are uncorrelated
+    assert stats.kstest(eps.ravel(), "norm").pvalue > 1e-3
 
 
 def test_resume_after_a_failure_ends_with_the_uninterrupted_metrics(tmp_path, monkeypatch):

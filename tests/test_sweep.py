@@ -180,16 +180,16 @@ def test_ray_backend_gives_the_local_backends_numbers(linreg_local, lm_local, tm
 
 
 def test_a_failed_cell_is_recorded_and_the_others_finish(env, tmp_path_factory):
-    # n_test = 1e14 passes validation but its test set cannot be allocated: the cell fails at run time
-    text = LINREG.replace('"linreg.T" = [6, 20]\n"linreg.sigma2" = [0.5, 1.0]', '"linreg.n_test" = [100000000000000, 10]')
+    # sigma2 = 1e308 passes validation but its labels overflow: the chain stops on non-finite metrics at run time
+    text = LINREG.replace('"linreg.T" = [6, 20]\n"linreg.sigma2" = [0.5, 1.0]', '"linreg.sigma2" = [1e308, 1.0]')
     root, r = sweep(tmp_path_factory, "failing", text, "--workers", "2")
     assert r.returncode == 1
     cells = {c["name"]: c for c in json.loads((root / "out" / "sweep.json").read_text())["cells"]}
-    bad = cells["n_test-100000000000000"]
-    assert bad["status"] == "failed" and "Unable to allocate" in bad["error"]
-    assert "Traceback" in (root / "out" / bad["log"]).read_text()
-    assert cells["n_test-10"]["status"] == "done"
-    assert "failed: n_test-100000000000000 (failed): " in r.stderr and "1/2 cells" in r.stdout
+    bad = cells["sigma2-1e+308"]
+    assert bad["status"] == "failed" and "is not finite" in bad["error"]
+    assert "chain(s) stopped on non-finite metrics" in (root / "out" / bad["log"]).read_text()
+    assert cells["sigma2-1.0"]["status"] == "done"
+    assert "failed: sigma2-1e+308 (failed): " in r.stderr and "1/2 cells" in r.stdout
     assert (root / "out" / "results.csv").read_text().count("\n") == 1 + 2 * 3 * 4 * 2  # the good cell's rows
 
 

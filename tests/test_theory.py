@@ -8,6 +8,8 @@ import pytest
 from modelcollapse import theory
 from modelcollapse.errors import BadInput
 from modelcollapse.families import linreg
+from modelcollapse.loop import simulate
+from modelcollapse.policies import from_spec
 
 
 def test_worked_example_from_the_paper():
@@ -27,8 +29,7 @@ def test_too_few_rows_is_bad_input():
 
 def mc(policy, d, T, sigma2, iterations, seeds):
     fam = linreg.Family(linreg.Config(d=d, T=T, sigma2=sigma2, n_test=10))
-    _, metrics = fam.run_fast(policy, list(range(seeds)), iterations)
-    return metrics["test_error"]  # (S, N)
+    return simulate(fam, from_spec(policy), list(range(seeds)), iterations)["test_error"]  # (S, N)
 
 
 @pytest.mark.parametrize("d,T,sigma2,seeds", [(10, 111, 1.0, 3000), (4, 8, 0.5, 20000), (2, 30, 2.0, 3000)])
@@ -53,6 +54,6 @@ def test_accumulate_stays_under_the_pi_squared_over_six_bound():
 
 def test_empirical_test_mse_reads_the_same_quantity():
     fam = linreg.Family(linreg.Config(d=5, T=40, sigma2=1.0, n_test=2000))
-    _, m = fam.run_fast("replace", list(range(500)), 5)
+    m = simulate(fam, from_spec("replace"), list(range(500)), 5)
     # E[mse on fresh points] − σ² = E‖ŵ − w*‖²; the two readings agree up to test-set noise
     assert np.allclose(m["test_mse_excess"].mean(0), m["test_error"].mean(0), rtol=0.1)

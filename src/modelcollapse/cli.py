@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from modelcollapse.errors import BadInput
+from modelcollapse.errors import BadInput, RunFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Model-fitting feedback loops, and whether the models collapse.")
@@ -138,17 +138,17 @@ def export(
     out: Path = typer.Option(..., "--out", help="where to write the exported model"),
 ):
     """Export a generation's model to the format its field uses (lm: Hugging Face transformers)."""
-    from modelcollapse.config import family_module
+    from modelcollapse.families import load_family
     from modelcollapse.store import read_json
 
     manifest = Path(gen_dir).resolve().parents[2] / "manifest.json" if len(Path(gen_dir).resolve().parents) > 2 else None
     if manifest is None or not manifest.exists():
         raise BadInput(f"export: {gen_dir} is not a generation folder of a run directory (no manifest.json above it)")
     family = read_json(manifest)["config"]["family"]
-    module = family_module(family)
-    if not hasattr(module, "export"):
+    spec = load_family(family)
+    if spec.export is None:
         raise BadInput(f"export: the {family} family has no export format")
-    typer.echo(f"exported: {module.export(Path(gen_dir), out)}")
+    typer.echo(f"exported: {spec.export(Path(gen_dir), out)}")
 
 
 @app.command()
@@ -173,6 +173,9 @@ def main() -> None:
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

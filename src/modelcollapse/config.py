@@ -7,64 +7,48 @@ validated by that family's own `Config`. Every error is a `BadInput` with one li
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, field_validator
 
+from modelcollapse import policies
 from modelcollapse.errors import BadInput
+from modelcollapse.families import FamilyModule, load_family
+from modelcollapse.policies import Policy
 
 RESOURCE_KEYS = ("cpus", "gpus")  # scheduling only: outside the config hash
-POLICY_NAMES = ("replace", "accumulate", "replace-grown", "accumulate-subsample", "mix", "fresh")
-
-
-class PolicySpec(BaseModel):
-    """One data policy. `mix` and `fresh` need `real_fraction` (λ): the share of real data per generation."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: Literal["replace", "accumulate", "replace-grown", "accumulate-subsample", "mix", "fresh"]
-    real_fraction: float | None = Field(None, gt=0.0, lt=1.0)  # 0 is replace, 1 is real data only
-
-    @model_validator(mode="after")
-    def _fraction_only_where_used(self):
-        if self.name in ("mix", "fresh") and self.real_fraction is None:
-            raise ValueError(f"policy '{self.name}' needs real_fraction, e.g. {{name=\"{self.name}\", real_fraction=0.5}}")
-        if self.name not in ("mix", "fresh") and self.real_fraction is not None:
-            raise ValueError(f"policy '{self.name}' takes no real_fraction")
-        return self
-
-    @property
-    def label(self) -> str:
-        """The name used in metrics.jsonl and as the run directory's folder, e.g. `mix-0.5`."""
-        return self.name if self.real_fraction is None else f"{self.name}-{self.real_fraction:g}"
 
 
 class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field("experiment", min_length=1, description="a name for the run, shown in reports")
-    family: str = Field(description="the model family: a module in modelcollapse.families")
-    policies: list[PolicySpec] = Field(min_length=1, description="each runs as its own chain")
+    family: str = Field(description="the model family: a built-in name, an importable module or a .py file")
+    policies: list[SerializeAsAny[Policy]] = Field(min_length=1, description="each runs as its own chain")
     iterations: int = Field(ge=1, description="model-fitting iterations; 1 = fit on real data only")
     seeds: list[int] = Field(description="an int n means seeds 0..n-1; a list names them")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpus: int = Field(1, ge=1, description="CPUs a sweep reserves for this run on Ray (its threads there)")
     gpus: float = Field(0.0, ge=0.0, description="GPUs a sweep reserves for this run on Ray; a fraction shares one")
     _family_config: Any = PrivateAttr(None)
+    _family_module: Any = PrivateAttr(None)
 
     @property
     def family_config(self):
         """The validated `[<family>]` table: an instance of the family module's `Config`."""
         return self._family_config
 
+    @property
+    def family_module(self) -> FamilyModule:
+        return self._family_module
+
     @field_validator("policies", mode="before")
     @classmethod
-    def _policy_strings(cls, v):
-        if isinstance(v, list):
-            return [{"name": p} if isinstance(p, str) else p for p in v]
-        return v
+    def _policy_entries(cls, v):
+        """Each entry becomes the Policy its name registers (policies.py), validated by that class."""
+        return [policies.from_spec(spec) for spec in v] if isinstance(v, list) else v
 
     @field_validator("policies")
     @classmethod
@@ -96,25 +80,17 @@ class ExperimentConfig(BaseModel):
         """The whole config as plain data, family table included: what the manifest stores and hashes."""
         out = self.model_dump(mode="json")
         out["policies"] = [p.model_dump(mode="json", exclude_none=True) for p in self.policies]
-        out[self.family] = self.family_config.model_dump(mode="json")
+        out[self.family_module.table] = self.family_config.model_dump(mode="json")
         return out
+
+    def labels(self) -> list[str]:
+        """Each policy's label, as paths, metrics and reports name it."""
+        return [p.label for p in self.policies]
 
     def hash(self) -> str:
         """What the run computes, not where: the resource keys stay out, so old run dirs still resume."""
         what = {k: v for k, v in self.resolved().items() if k not in RESOURCE_KEYS}
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def family_module(name: str):
-    """The module of family `name`, or BadInput if there is none."""
-    if not name.replace("_", "").isalnum():
-        raise BadInput(f"config error: family: unknown family {name!r}")
-    try:
-        return importlib.import_module(f"modelcollapse.families.{name}")
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("modelcollapse.families"):
-            raise BadInput(f"config error: family: unknown family {name!r}") from None
-        raise
 
 
 def _one_line(err: ValidationError, prefix: str = "") -> str:
@@ -177,10 +153,12 @@ def from_dict(raw: dict) -> ExperimentConfig:
     family = raw.get("family")
     if not isinstance(family, str):
         raise BadInput("config error: family: missing" if family is None else f"config error: family: must be a string (got {family!r})")
-    module = family_module(family)
-    table = raw.pop(family, {})
+    spec = load_family(family)
+    if isinstance(raw.get("policies"), list):
+        raw["policies"] = [_policy(i, entry) for i, entry in enumerate(raw["policies"])]
+    table = raw.pop(spec.table, {})
     if not isinstance(table, dict):
-        raise BadInput(f"config error: {family}: must be a table")
+        raise BadInput(f"config error: {spec.table}: must be a table")
     try:
         cfg = ExperimentConfig(**raw)
     except ValidationError as e:
@@ -188,10 +166,21 @@ def from_dict(raw: dict) -> ExperimentConfig:
     except TypeError as e:
         raise BadInput(f"config error: {e}") from None
     try:
-        cfg._family_config = module.Config(**table)
+        cfg._family_config = spec.Config(**table)
     except ValidationError as e:
-        raise BadInput(_one_line(e, prefix=f"{family}.")) from None
+        raise BadInput(_one_line(e, prefix=f"{spec.table}.")) from None
+    cfg._family_module = spec
     return cfg
+
+
+def _policy(i: int, entry) -> Policy:
+    """One `policies` entry as the Policy its name registers, or BadInput naming the entry and the problem."""
+    try:
+        return policies.from_spec(entry)
+    except ValidationError as e:
+        raise BadInput(_one_line(e, prefix=f"policies.{i}.")) from None
+    except ValueError as e:
+        raise BadInput(f"config error: policies.{i}: {e}") from None
 
 
 def load(path: Path, overrides: list[str] = ()) -> ExperimentConfig:

@@ -50,15 +50,13 @@ def is_writer() -> bool:
 
 def check_world(cfg, world: int) -> None:
     """Refuse, before anything starts, an experiment that cannot be split over `world` processes. A family
-    trains data-parallel when its module says how (`check_data_parallel`); the others run one process."""
+    trains data-parallel when it declares how (`check_data_parallel`); the others run one process."""
     if world == 1:
         return
-    from modelcollapse.config import family_module
-
-    module = family_module(cfg.family)
-    if not hasattr(module, "check_data_parallel"):
+    check = cfg.family_module.check_data_parallel
+    if check is None:
         raise BadInput(f"family {cfg.family} does not train data-parallel; run it without --nproc or torchrun")
-    module.check_data_parallel(cfg.family_config, world)
+    check(cfg.family_config, world)
 
 
 @contextlib.contextmanager

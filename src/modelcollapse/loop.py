@@ -2,7 +2,7 @@
 
     real = family.real_data("train"); test = family.real_data("test"); pool = [real]
     for n in 1..N:
-        train = training_set(policy, n, pool)        # what generation n trains on
+        train = policy.training_set(n, pool)         # what generation n trains on
         model = family.fit(train)                    # a fresh model every generation
         record(n, family.evaluate(model, test))      # metrics on real held-out data
         pool.append(family.sample(model, ...))       # what generation n + 1 may train on
@@ -10,6 +10,8 @@
 Each (policy, seed) chain runs generation by generation; each finished generation is a unit in the run
 directory, so a killed run resumes from the last finished one. Generation 1 is fit on real data whatever the
 policy, so its seeds do not depend on the policy and its model is fit once and shared by every policy.
+A vectorised family (families/__init__.py) runs the same loop once for every seed of a policy at once, the
+whole chain one unit, its metric rows streamed out generation by generation.
 
 Data-parallel (distributed.py): every rank runs this same loop and reads the same run directory, so all take
 the same decisions; rank 0 alone writes it (a `RunView` on the others), and a barrier closes each generation,
@@ -18,8 +20,8 @@ so the others read what rank 0 wrote only once it is there.
 
 from __future__ import annotations
 
+import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,12 +30,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from modelcollapse import distributed
-from modelcollapse.config import ExperimentConfig, PolicySpec, family_module, resolve_device
-from modelcollapse.policies import synthetic_size, training_set
-from modelcollapse.seeding import stream_seed
-from modelcollapse.store import RunDir, RunView, atomic_save_npy, atomic_write_json
+from modelcollapse.config import ExperimentConfig, resolve_device
+from modelcollapse.errors import BadInput, RunFailed
+from modelcollapse.policies import Policy
+from modelcollapse.seeding import stream_keys, stream_seed
+from modelcollapse.store import RunDir, RunView, atomic_write_json, batch_lines
 
 SHARED = "*"  # the policy key of generation 1's streams, which every policy shares
+
+
+class ChainStopped(RunFailed):
+    """A chain's metrics came out non-finite: its later generations would train on a broken model's data."""
 
 
 def cache_dir() -> Path:
@@ -61,7 +68,23 @@ def peak_rss_mb() -> float | None:
 
 
 def make_family(cfg: ExperimentConfig, device: str):
-    return family_module(cfg.family).Family(cfg.family_config, device=device, cache_dir=cache_dir())
+    return cfg.family_module.build(cfg.family_config, device, cache_dir())
+
+
+def seed_arg(family, seeds: list[int]):
+    """What a family call takes for these base seeds: an array for a batched family, else the one int."""
+    return np.asarray(seeds, dtype=np.int64) if getattr(family, "batched", False) else seeds[0]
+
+
+def stream(family, seeds: list[int], policy: str, generation: int, purpose: str):
+    """The stream seed(s) of a family call: one int, or a batched family's key per seed."""
+    if getattr(family, "batched", False):
+        return stream_keys(seeds, policy, generation, purpose)
+    return stream_seed(seeds[0], policy, generation, purpose)
+
+
+def vectorised(family) -> bool:
+    return bool(getattr(family, "batched", False) and getattr(family, "vectorised", False))
 
 
 def run_experiment(cfg: ExperimentConfig, out: Path, progress: bool | None = None) -> Path:
@@ -73,91 +96,117 @@ def run_experiment(cfg: ExperimentConfig, out: Path, progress: bool | None = Non
             distributed.check_world(cfg, distributed.world_size())
             RunDir.check(out, cfg.hash())  # refuse a foreign DIR before anything is built or written
             family = make_family(cfg, device)
-            family.real_data("train", cfg.seeds[0])  # bad data files fail here, before anything is written
-            family.real_data("test", cfg.seeds[0])
-            if any(p.name == "fresh" for p in cfg.policies) and cfg.iterations > 1:
-                family.real_data("train", cfg.seeds[0], draw=cfg.iterations - 1)  # DataUnavailable if it has too little
-        fast = set(getattr(family, "fast_policies", tuple)())
-        created = not out.exists()
-        try:
-            with (RunDir if distributed.is_writer() else RunView)(out, cfg.resolved(), cfg.hash()) as store:
-                store.reset_metrics(finished_rows(store, cfg, fast))
-                units = sum(1 if p.name in fast else len(cfg.seeds) * cfg.iterations for p in cfg.policies)
-                quiet = progress is False or not distributed.is_writer()
-                bar = tqdm(total=units, desc=cfg.name, unit="gen", disable=True if quiet else None)
-                for policy in cfg.policies:
-                    if policy.name in fast:
-                        run_fast(family, store, policy, cfg, bar)
-                        continue
-                    for seed in cfg.seeds:
-                        run_chain(family, store, cfg, policy, seed, bar)
-                bar.close()
-        except BaseException:
-            if created and distributed.is_writer() and not any(out.glob("*/**/metrics.json")):
-                shutil.rmtree(out, ignore_errors=True)  # nothing finished: leave no half-made DIR behind
-            raise
+            first = seed_arg(family, cfg.seeds[:1])
+            family.real_data("train", first)  # bad data files fail here, before anything is written
+            family.real_data("test", first)
+            if any(p.fresh_real for p in cfg.policies) and cfg.iterations > 1:
+                family.real_data("train", first, draw=cfg.iterations - 1)  # DataUnavailable if it has too little
+        store_type = RunDir if distributed.is_writer() else RunView
+        with store_type(out, cfg.resolved(), cfg.hash(), cfg.labels()) as store:
+            resumed = finished_rows(store, cfg, family)
+            store.reset_metrics(resumed)
+            quiet = progress is False or not distributed.is_writer()
+            units = len(cfg.policies) * cfg.iterations * (1 if vectorised(family) else len(cfg.seeds))
+            bar = tqdm(total=units, desc=cfg.name, unit="gen", disable=True if quiet else None)
+            stopped = []
+            for policy in cfg.policies:
+                chains = [cfg.seeds] if vectorised(family) else [[s] for s in cfg.seeds]
+                for seeds in chains:
+                    try:
+                        (run_batch if vectorised(family) else run_chain)(family, store, cfg, policy, seeds, bar)
+                    except ChainStopped as e:
+                        store.log(str(e))
+                        bar.write(str(e), file=sys.stderr)
+                        stopped.append(str(e))
+            bar.close()
+            if stopped:
+                raise ChainStopped(f"{len(stopped)} chain(s) stopped on non-finite metrics; the first: {stopped[0]}")
+            if resumed and store.appended:
+                store.reset_metrics(finished_rows(store, cfg, family))  # resumed units were appended after later ones
     return out
 
 
-def finished_rows(store: RunDir, cfg: ExperimentConfig, fast: set[str]) -> list[dict]:
-    """Rows of every finished unit, in the order an uninterrupted run writes them."""
+def finished_rows(store: RunDir, cfg: ExperimentConfig, family) -> list[dict]:
+    """Rows of every finished unit, in the order an uninterrupted run writes them. A chain whose finished
+    generations are not all at its start was damaged (a record removed by hand): BadInput names it."""
     rows = []
     for policy in cfg.policies:
-        if policy.name in fast:
-            rows += store.finished(store.path / policy.label / "fast") or []
+        if vectorised(family):
+            rows += store.finished(store.batch_dir(policy.label)) or []
             continue
         for seed in cfg.seeds:
+            gap = None
             for n in range(1, cfg.iterations + 1):
-                done = store.finished(store.gen_dir(policy.label, seed, n))
+                gen_dir = store.gen_dir(policy.label, seed, n)
+                done = store.finished(gen_dir)
                 if done is None:
-                    break
-                rows += done
+                    gap = gap or gen_dir
+                elif gap is not None:
+                    raise BadInput(f"{gap} is unfinished (no readable metrics.json) but {gen_dir.name} after it is "
+                                   f"finished: the chain was damaged; move {gap.parent}/gen-{gap.name[4:]} and the "
+                                   f"later generations out of the run directory and run again to recompute them")
+                else:
+                    rows += done
     return rows
 
 
-def run_chain(family, store: RunDir, cfg: ExperimentConfig, policy: PolicySpec, seed: int, bar) -> None:
-    N = cfg.iterations
-    if store.finished(store.gen_dir(policy.label, seed, N)) is not None:
+def check_finite(metrics: dict, where: str) -> None:
+    for k, v in metrics.items():
+        bad = ~np.isfinite(np.asarray(v, dtype=float))
+        if bad.any():
+            raise ChainStopped(f"{where}: {k} is not finite ({np.asarray(v, dtype=float)[bad].ravel()[0]}); the chain stops "
+                               f"here rather than train later generations on a broken model's data")
+
+
+def run_chain(family, store: RunDir, cfg: ExperimentConfig, policy: Policy, seeds: list[int], bar) -> None:
+    """One seed's chain, a folder per generation (a batched family gets arrays of one seed)."""
+    N, seed, label = cfg.iterations, seeds[0], policy.label
+    if store.record(store.gen_dir(label, seed, N)) is not None:
         bar.update(N)
         return
-    real = family.real_data("train", seed)
-    test = family.real_data("test", seed)
+    real = family.real_data("train", seed_arg(family, seeds))
+    test = family.real_data("test", seed_arg(family, seeds))
     pool = [real]
     for n in range(1, N + 1):
-        gen_dir = store.gen_dir(policy.label, seed, n)
-        if store.finished(gen_dir) is not None:  # resume: reopen what this generation sampled
+        gen_dir = store.gen_dir(label, seed, n)
+        if store.record(gen_dir) is not None:  # resume: reopen what this generation sampled
             if n < N:
+                store.verify(gen_dir)
                 pool.append(family.load_sample(gen_dir))
             bar.update(1)
             continue
         if store.writer:
             gen_dir.mkdir(parents=True, exist_ok=True)
-        key = SHARED if n == 1 else policy.label
+        key = SHARED if n == 1 else label
 
-        def seed_for(purpose: str, generation: int = n) -> int:
-            return stream_seed(seed, key if generation == n else policy.label, generation, purpose)
+        def seed_for(purpose: str, generation: int = n):
+            return stream(family, seeds, key if generation == n else label, generation, purpose)
 
         t0 = time.perf_counter()
         reset_peak_rss()
-        train = training_set(
-            policy, n, pool, family, seed_for("policy"), fresh_real=lambda: family.real_data("train", seed, draw=n - 1)
-        )
-        model = shared_first_model(family, store, cfg, policy, seed) if n == 1 else None
+        model = family.load_model(gen_dir) if store.fitted(gen_dir) else None  # saved before the run was stopped
         if model is None:
-            model = family.fit(train, seed_for("fit"), gen_dir)
-        if store.writer:
-            family.save_model(model, gen_dir)
+            model = shared_first_model(family, store, cfg, policy, seed) if n == 1 else None
+            if model is None:
+                train = policy.training_set(n, pool, family, seed_for("policy"),
+                                            fresh_real=lambda: family.real_data("train", seed_arg(family, seeds), draw=n - 1))
+                model = family.fit(train, seed_for("fit"), gen_dir)
+            if store.writer:
+                family.save_model(model, gen_dir)
+                store.record_fit(gen_dir)
         metrics = family.evaluate(model, test, seed_for("evaluate"), gen_dir)
+        metrics = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in metrics.items()}
+        check_finite(metrics, f"{label} seed {seed} gen {n}")
         if n < N:
-            size = synthetic_size(policy, n + 1, family.size(real))
+            size = policy.synthetic_size(n + 1, family.size(real))
             pool.append(family.sample(model, size, real, seed_for("sample", n + 1), gen_dir))
-        rows = [dict(policy=policy.label, seed=seed, iteration=n, metric=k, value=float(v)) for k, v in metrics.items()]
+        rows = [dict(policy=label, seed=seed, iteration=n, metric=k, value=v) for k, v in metrics.items()]
         if store.writer:  # peak memory is rank 0's
             resources = {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": peak_rss_mb(), "processes": distributed.world_size()}
             atomic_write_json(gen_dir / "resources.json", resources)
         store.finish(gen_dir, rows)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        line = f"{policy.label} seed {seed} gen {n}/{N}: {shown} ({time.perf_counter() - t0:.1f}s)"
+        line = f"{label} seed {seed} gen {n}/{N}: {shown} ({time.perf_counter() - t0:.1f}s)"
         store.log(line)
         bar.update(1)
         if time.perf_counter() - t0 >= 1.0 and store.writer:  # slow generations are news; thousands of fast ones are noise
@@ -165,32 +214,65 @@ def run_chain(family, store: RunDir, cfg: ExperimentConfig, policy: PolicySpec, 
         distributed.barrier()  # the other ranks see this generation finished (and its model) before they go on
 
 
-def shared_first_model(family, store: RunDir, cfg: ExperimentConfig, policy: PolicySpec, seed: int):
-    """Generation 1 is the same fit for every policy: reuse an earlier policy's, if one is saved."""
+def shared_first_model(family, store: RunDir, cfg: ExperimentConfig, policy: Policy, seed: int):
+    """Generation 1 is the same fit for every policy: reuse an earlier policy's, if one is finished."""
     for other in cfg.policies:
         if other == policy:
             return None
         other_dir = store.gen_dir(other.label, seed, 1)
-        if store.finished(other_dir) is not None:
+        if store.record(other_dir) is not None:
+            store.verify(other_dir)
             return family.load_model(other_dir)
     return None
 
 
-def run_fast(family, store: RunDir, policy: PolicySpec, cfg: ExperimentConfig, bar) -> None:
-    """A family's vectorised path: every seed of one policy at once, as one unit of the run directory."""
-    unit = store.path / policy.label / "fast"
-    if store.finished(unit) is None:
-        t0 = time.perf_counter()
-        W, metrics = family.run_fast(policy.name, cfg.seeds, cfg.iterations)
+def batch_chain(family, policy: Policy, seeds: list[int], iterations: int):
+    """The loop for every seed of one policy at once, a vectorised family's calls each taking all of them.
+    Yields (n, metrics, model) as each generation ends, metrics an array (S,) each."""
+    base = seed_arg(family, seeds)
+    real, test = family.real_data("train", base), family.real_data("test", base)
+    real_size = family.size(real)
+    pool = [real]
+    for n in range(1, iterations + 1):
+        key = SHARED if n == 1 else policy.label
+        train = policy.training_set(n, pool, family, stream_keys(seeds, key, n, "policy"),
+                                    fresh_real=lambda: family.real_data("train", base, draw=n - 1))
+        model = family.fit(train, stream_keys(seeds, key, n, "fit"), None)
+        metrics = family.evaluate(model, test, stream_keys(seeds, key, n, "evaluate"), None)
+        yield n, {k: np.asarray(v, dtype=float).reshape(len(seeds)) for k, v in metrics.items()}, model
+        if n < iterations:
+            size = policy.synthetic_size(n + 1, real_size)
+            pool.append(family.sample(model, size, real, stream_keys(seeds, policy.label, n + 1, "sample"), None))
+
+
+def simulate(family, policy: Policy, seeds: list[int], iterations: int) -> dict[str, np.ndarray]:
+    """Every metric of every seed and iteration, (S, N) each, with no run directory: a vectorised family's
+    chains in memory (the numbers a run directory of the same config records)."""
+    out = {}
+    for n, metrics, _ in batch_chain(family, policy, seeds, iterations):
+        for k, v in metrics.items():
+            out.setdefault(k, np.empty((len(seeds), iterations)))[:, n - 1] = v
+    return out
+
+
+def run_batch(family, store: RunDir, cfg: ExperimentConfig, policy: Policy, seeds: list[int], bar) -> None:
+    """Every seed of one policy at once, one unit of the run directory whose rows stream out as each
+    generation ends."""
+    N, label, unit = cfg.iterations, policy.label, store.batch_dir(policy.label)
+    if store.record(unit) is not None:
+        bar.update(N)
+        return
+    t0 = time.perf_counter()
+    arrays = {}
+    for n, metrics, model in batch_chain(family, policy, seeds, N):
+        check_finite(metrics, f"{label} gen {n} ({len(seeds)} seeds)")
+        for k, v in metrics.items():
+            arrays.setdefault(k, np.empty((len(seeds), N)))[:, n - 1] = v
+        store.append(batch_lines(label, seeds, n, {k: v.tolist() for k, v in metrics.items()}))
+        bar.update(1)
+    if store.writer:
         unit.mkdir(parents=True, exist_ok=True)
-        atomic_save_npy(unit / "w_hat.npy", W)
-        rows = [
-            dict(policy=policy.label, seed=seed, iteration=n + 1, metric=k, value=float(v[i, n]))
-            for i, seed in enumerate(cfg.seeds)
-            for n in range(cfg.iterations)
-            for k, v in metrics.items()
-        ]
-        store.finish(unit, rows)
-        means = " ".join(f"{k}={np.mean(v[:, -1]):.4g}" for k, v in metrics.items())
-        store.log(f"{policy.label}: {len(cfg.seeds)} seeds x {cfg.iterations} iterations, last mean {means} ({time.perf_counter() - t0:.2f}s)")
-    bar.update(1)
+        family.save_model(model, unit)  # the last generation's models, every seed's
+    store.finish_batch(unit, label, seeds, arrays)
+    means = " ".join(f"{k}={np.mean(v[:, -1]):.4g}" for k, v in arrays.items())
+    store.log(f"{label}: {len(seeds)} seeds x {N} iterations, last mean {means} ({time.perf_counter() - t0:.2f}s)")

@@ -10,7 +10,6 @@ generations saved are laid out policy by generation.
 from __future__ import annotations
 
 import html
-import importlib
 import json
 import shutil
 from collections import defaultdict
@@ -25,6 +24,8 @@ import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from modelcollapse.errors import BadInput  # noqa: E402
+from modelcollapse.families import load_family, table_name  # noqa: E402
+from modelcollapse.policies import from_spec  # noqa: E402
 from modelcollapse.store import read_json, read_metrics  # noqa: E402
 
 
@@ -38,7 +39,8 @@ class Run:
             raise BadInput(f"report: {path} has a corrupt manifest or metrics file ({e})") from None
         cfg = self.manifest["config"]
         self.name, self.family, self.config = cfg["name"], cfg["family"], cfg
-        self.policies = [p["name"] if "real_fraction" not in p else f"{p['name']}-{p['real_fraction']:g}" for p in cfg["policies"]]
+        self.family_name = table_name(self.family)  # a path or module names the family by its last part
+        self.policies = self.manifest.get("policy_labels") or [label_of(p) for p in cfg["policies"]]
         self.seeds = cfg["seeds"]
         self.sweep: SweepDir | None = None  # set when the run is a cell of a sweep directory
         self.axes: dict = {}  # its place on each grid axis, when it is a sweep cell
@@ -113,20 +115,37 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
 
 
-def family_extras(family: str):
-    """A family's PRIMARY_METRIC and theory_curve, when it has them (the report needs only run dirs)."""
+def label_of(spec: dict) -> str:
+    """A policy's label from its config entry (manifests before labels were recorded)."""
     try:
-        module = importlib.import_module(f"modelcollapse.families.{family}")
-    except ImportError:
-        return None, None, None
-    return getattr(module, "PRIMARY_METRIC", None), getattr(module, "theory_curve", None), module
+        return from_spec(spec).label
+    except ValueError:
+        return spec["name"] if "real_fraction" not in spec else f"{spec['name']}-{spec['real_fraction']:g}"
 
 
-def theory_for(run: Run, policy: str, iterations: int):
-    primary, curve, module = family_extras(run.family)
-    if curve is None:
+def family_extras(family: str):
+    """A family's declaration (primary metric, theory), when it can be loaded (the report needs only run dirs)."""
+    try:
+        return load_family(family)
+    except (BadInput, ImportError):
         return None
-    return curve(module.Config(**run.config[run.family]), policy, iterations)
+
+
+def primary_metric(family: str) -> str | None:
+    spec = family_extras(family)
+    return spec.primary_metric if spec else None
+
+
+def theory_for(run: Run, policy: str, metric: str, iterations: int):
+    """The family's exact expectation of `metric` under `policy`, per iteration, or None where it has none."""
+    spec = family_extras(run.family)
+    if spec is None or spec.theory is None:
+        return None
+    specs = {label_of(p): p for p in run.config["policies"]}
+    if policy not in specs:
+        return None
+    curves = spec.theory(spec.Config(**run.config[spec.table]), from_spec(specs[policy]), iterations)
+    return None if curves is None else curves.get(metric)
 
 
 FEW_SEEDS = 3
@@ -151,7 +170,7 @@ def draw_panel(ax, run: Run, metric: str, with_theory: bool, legend: bool = True
                 ax.plot(its, [table[policy][n][k] if k < len(table[policy][n]) else np.nan for n in its], "-", color=color, lw=0.7, alpha=0.35)
         else:
             ax.fill_between(its, m - h, m + h, color=color, alpha=0.2)
-        theory = theory_for(run, policy, max(its)) if with_theory else None
+        theory = theory_for(run, policy, metric, max(its)) if with_theory else None
         if theory is not None:
             ax.plot(range(1, len(theory) + 1), theory, "--", color=color, lw=1.2, label=f"{policy} theory")
     if lows and min(lows) > 0 and max(highs) / min(lows) > 30:
@@ -260,7 +279,7 @@ def summary_table(run: Run, metric: str, with_theory: bool) -> tuple[list[str], 
     theories = {}
     for p in policies:
         header.append(f"{p}")
-        t = theory_for(run, p, max(its)) if with_theory else None
+        t = theory_for(run, p, metric, max(its)) if with_theory else None
         if t is not None:
             theories[p] = t
             header.append(f"{p} theory")
@@ -327,7 +346,7 @@ def add_samples(shown: list[Run], runs: list[Run], out: Path, body: list[str]) -
 
 def sweep_section(sweep: SweepDir, index: int, runs: list[Run], out: Path, body: list[str], md: list[str]) -> None:
     """A sweep: per metric (the family's primary first) a faceted figure and a table of the cells."""
-    primary = family_extras(sweep.runs[0].family)[0] if sweep.runs else None
+    primary = primary_metric(sweep.runs[0].family) if sweep.runs else None
     metrics = primary_first(sweep.runs, primary)
     body.append(f"<h2>sweep {html.escape(sweep.name)} ({html.escape(str(sweep.path))})</h2>")
     md += [f"## sweep {sweep.name}", ""]
@@ -354,8 +373,9 @@ def write_report(dirs: list[Path], out: Path) -> Path:
         if r.sweep is None:
             by_family[r.family].append(r)
     for family, fruns in by_family.items():
-        primary = family_extras(family)[0]
+        primary = primary_metric(family)
         metrics = primary_first(fruns, primary)
+        family = fruns[0].family_name  # files and headings: a family given as a path is named by its module
         body.append(f"<h2>{html.escape(family)}</h2>")
         md += [f"## {family}", ""]
         others = metrics[1:] if metrics and metrics[0] == primary else metrics

@@ -1,28 +1,50 @@
-"""Model families: a model class together with its data.
+"""Model families: a model class together with its data, and the contract every family keeps.
 
-A family lives in one module (or package) `modelcollapse.families.<name>`; the loop imports the module that
-the config's `family` names and finds two names in it, as big_vision's `train.py` finds `Model` in
-`models.<name>`:
+A family is one module (or package). `load_family(name)` finds it — a built-in name (`linreg`, `lm`, ...), an
+importable module (`my_package.my_module`) or a path to a `.py` file — and reads what it declares, once:
 
-- `Config`: a pydantic model (extra="forbid") for the config's `[<name>]` table. Every option of the family
-  and its default lives here and is validated here, once; the rest of the family trusts what it gets.
-- `Family`: built as `Family(config, device=..., cache_dir=...)`, with the methods of `FamilyProtocol` below.
+- `Config` (required): a pydantic model for the config's table named after the module's last name
+  (`[linreg]`, `[my_module]`). Every option of the family and its default lives here and is validated here.
+- `Family` (required): built as `Family(config, device=..., cache_dir=...)`, with the methods of
+  `FamilyProtocol` below.
+- optional, module level: `PRIMARY_METRIC` (the metric the report leads with), `theory(config, policy,
+  iterations)` (exact expectations per iteration, `{metric: array}`, or None where there is none),
+  `export(gen_dir, out_dir)` (a generation's model in its field's format), `check_data_parallel(config,
+  world)` (the family trains data-parallel; raises BadInput when it cannot be split over `world` processes).
+
+The loop, report and command line ask the `FamilyModule` that `load_family` returns; none of them looks
+inside a family for other names.
 
 Datasets are opaque to the loop and the policies: they only ask the family for `size`, `concat` and
 `subsample`. Seeds come in with every call (scikit-learn's `random_state` habit), each derived by the loop
 from (seed, policy, generation, purpose), so that a generation's result does not depend on the order in which
 chains run or on whether the run was resumed.
+
+A batched family (`Family.batched = True`) runs many seeds in one call: `real_data` takes an array of base
+seeds, every other call an array of stream keys (`seeding.stream_keys`), one per seed; its datasets and
+models hold every seed; `evaluate` returns an array per metric. With `vectorised` true the loop gives it every
+seed of a policy at once, as one unit of the run directory; otherwise one seed at a time (arrays of one),
+with a folder per generation like any other family. `modelcollapse.testing.check_family` checks all of this.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from types import ModuleType
+from typing import Any, Callable, ClassVar, Protocol
+
+from pydantic import BaseModel
 
 from modelcollapse.errors import BadInput
 
 Data = Any
 Model = Any
+BUILTIN = ("linreg", "lm", "vae", "conformer")
 
 
 class DataUnavailable(BadInput):
@@ -30,7 +52,10 @@ class DataUnavailable(BadInput):
 
 
 class FamilyProtocol(Protocol):
-    def real_data(self, split: str, seed: int, draw: int = 0) -> Data:
+    batched: ClassVar[bool]  # optional, default False: every call takes all seeds at once (see above)
+    vectorised: bool  # optional, default False: a batched family that wants every seed of a policy in one call
+
+    def real_data(self, split: str, seed, draw: int = 0) -> Data:
         """Real data: split "train" or "test". `draw` > 0 asks for the draw-th further, independent real
         training set (the `fresh` policy); raise DataUnavailable if the family has no more."""
 
@@ -39,18 +64,19 @@ class FamilyProtocol(Protocol):
 
     def concat(self, datasets: list[Data]) -> Data: ...
 
-    def subsample(self, data: Data, size: int, seed: int) -> Data:
+    def subsample(self, data: Data, size: int, seed) -> Data:
         """`size` examples drawn without replacement."""
 
-    def fit(self, train: Data, seed: int, workdir: Path) -> Model:
+    def fit(self, train: Data, seed, workdir: Path | None) -> Model:
         """A freshly initialised model fit on `train`. May checkpoint into `workdir` and resume from there."""
 
-    def evaluate(self, model: Model, test: Data, seed: int, workdir: Path) -> dict[str, float]:
+    def evaluate(self, model: Model, test: Data, seed, workdir: Path | None) -> dict[str, Any]:
         """Named metrics on real held-out data; may write artefacts a reader opens (samples.png, samples.txt)."""
 
-    def sample(self, model: Model, size: int, like: Data, seed: int, workdir: Path) -> Data:
-        """`size` synthetic examples from `model`, written under `workdir`. `like` is the real training set,
-        for families whose synthetic data keeps the real inputs (linreg keeps X, conformer keeps graphs)."""
+    def sample(self, model: Model, size: int, like: Data, seed, workdir: Path | None) -> Data:
+        """`size` synthetic examples from `model`, written under `workdir` (None: keep them in memory, for a
+        vectorised run). `like` is the real training set, for families whose synthetic data keeps the real
+        inputs (linreg keeps X, conformer keeps graphs)."""
 
     def load_sample(self, workdir: Path) -> Data:
         """Reopen what `sample` wrote in `workdir` (used when a run resumes)."""
@@ -59,3 +85,84 @@ class FamilyProtocol(Protocol):
 
     def load_model(self, workdir: Path) -> Model: ...
 
+
+METHODS = ("real_data", "size", "concat", "subsample", "fit", "evaluate", "sample", "load_sample", "save_model", "load_model")
+
+
+@dataclass(frozen=True)
+class FamilyModule:
+    """A family as the toolkit sees it: its names, how it is configured and built, what it optionally offers."""
+
+    name: str  # as the config's `family` gives it
+    table: str  # the config table holding its options: the module's last name
+    module: ModuleType
+    Config: type[BaseModel]
+    Family: type
+    primary_metric: str | None = None
+    theory: Callable[[BaseModel, Any, int], dict | None] | None = None
+    export: Callable[[Path, Path], Path] | None = None
+    check_data_parallel: Callable[[BaseModel, int], None] | None = None
+
+    def build(self, config: BaseModel, device: str, cache_dir: Path):
+        return self.Family(config, device=device, cache_dir=cache_dir)
+
+
+def table_name(name: str) -> str:
+    """The config table (and display name) of the family a `family` value names: the module's last name."""
+    return Path(name).stem if name.endswith(".py") else name.split(".")[-1]
+
+
+def _import(name: str) -> tuple[ModuleType, str]:
+    """The module a `family` value names, and its table name."""
+    if name.endswith(".py"):
+        path = Path(name)
+        if not path.is_file():
+            raise BadInput(f"config error: family: no such file {name!r}")
+        stem = path.stem
+        if not stem.isidentifier():
+            raise BadInput(f"config error: family: {name!r}: the file name must be a Python identifier (it names the config table)")
+        key = f"modelcollapse_user_family.{stem}.{abs(hash(str(path.resolve())))}"
+        if key not in sys.modules:
+            spec = importlib.util.spec_from_file_location(key, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[key] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as e:
+                del sys.modules[key]
+                raise BadInput(f"config error: family: {name!r} failed to import: {type(e).__name__}: {e}") from None
+        return sys.modules[key], stem
+    if not all(part.isidentifier() for part in name.split(".")):
+        raise BadInput(f"config error: family: unknown family {name!r}; a built-in name ({', '.join(BUILTIN)}), a module or a .py file")
+    qualified = f"modelcollapse.families.{name}" if name in BUILTIN else name
+    try:
+        return importlib.import_module(qualified), name.split(".")[-1]
+    except ModuleNotFoundError as e:
+        if e.name and qualified.startswith(e.name):
+            raise BadInput(f"config error: family: unknown family {name!r}; a built-in name ({', '.join(BUILTIN)}), a module or a .py file") from None
+        raise
+
+
+_LOADED: dict[str, FamilyModule] = {}
+
+
+def load_family(name: str) -> FamilyModule:
+    """The family `name` (built-in, module or .py path) with what it declares. BadInput if it is none."""
+    if name in _LOADED:
+        return _LOADED[name]
+    module, table = _import(name)
+    config_cls, family_cls = getattr(module, "Config", None), getattr(module, "Family", None)
+    if not (inspect.isclass(config_cls) and issubclass(config_cls, BaseModel)):
+        raise BadInput(f"config error: family: {name!r} has no Config (a pydantic BaseModel for its [{table}] table)")
+    if not inspect.isclass(family_cls):
+        raise BadInput(f"config error: family: {name!r} has no Family class")
+    missing = [m for m in METHODS if not callable(getattr(family_cls, m, None))]
+    if missing:
+        raise BadInput(f"config error: family: {name!r}: Family lacks {', '.join(missing)}")
+    optional = {k: getattr(module, k, None) for k in ("theory", "export", "check_data_parallel")}
+    for k, f in optional.items():
+        if f is not None and not callable(f):
+            raise BadInput(f"config error: family: {name!r}: {k} must be a function")
+    spec = FamilyModule(name, table, module, config_cls, family_cls, getattr(module, "PRIMARY_METRIC", None), **optional)
+    _LOADED[name] = spec
+    return spec

@@ -5,35 +5,44 @@ every iteration; iteration i ≥ 2 labels X again as Xŵ_{i−1} + fresh noise o
 2024; Gerstgrasser et al. 2024). The test error is E‖ŵ − w*‖² = E[(xᵀŵ − y)²] − σ² (`test_error`); the
 empirical reading, the mean squared error on `n_test` fresh points minus σ², is `test_mse_excess`.
 
-Two ways to run the same chain on the same draws:
-- the generic loop (`method = "loop"`): fit OLS (`np.linalg.lstsq`) on the stacked training set;
-- `fast` (the default), all seeds at once: with X fixed, OLS on any stack of copies of X only needs XᵀX and
-  the running sums of Xᵀy, so every generation is one batched d×d solve and the growing stack is never built.
+The family is batched: every call handles many seeds at once, so `method = "fast"` (the default) runs every
+seed of a policy in one pass and `method = "loop"` one seed at a time, a folder per generation, on the same
+draws. With X fixed, OLS on any training set needs only XᵀX and Xᵀy, so:
+- a generated labelling (the real labels, a synthetic set, a fresh real draw) is kept as the weights that made
+  it, a noise stream key and a row count, with its Xᵀy computed once; its labels are never stored, and any
+  of them can be recomputed alone (a subsample recomputes just the ones it keeps);
+- a labelling of k·T rows (replace-grown's) cycles through X k times. Its noise is drawn as each row's mean
+  over the copies, m_r ~ N(0, σ²/k), plus each copy's deviation η_c − η̄ from a second stream: exactly
+  i.i.d. N(0, σ²) labels (the mean of Gaussians is independent of the deviations from it), yet OLS, which
+  sees only the means, needs T draws, not k·T;
+- every generation is one batched d×d solve; accumulate's growing pool is a sum of cached Xᵀy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from modelcollapse import theory
-from modelcollapse.seeding import derive_seed, rng, stream_seed
-from modelcollapse.store import atomic_save_npy
+from modelcollapse import theory as closed_forms
+from modelcollapse.seeding import choose, normal, normal_at, stream_keys, subkeys
+from modelcollapse.store import atomic_save_npy, atomic_write_bytes
 
 PRIMARY_METRIC = "test_error"
+TEST_CHUNK = 1 << 22  # test-set entries drawn at once: bounds memory for thousands of seeds
 
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    d: int = Field(10, ge=1, description="input dimension")
-    T: int = Field(111, ge=1, description="training rows in the real data (the design X is T×d)")
+    d: int = Field(10, ge=1, le=10_000, description="input dimension")
+    T: int = Field(111, ge=1, le=10_000_000, description="training rows in the real data (the design X is T×d)")
     sigma2: float = Field(1.0, gt=0.0, description="label noise variance σ²")
-    n_test: int = Field(1000, ge=1, description="fresh test points for test_mse_excess")
-    method: Literal["fast", "loop"] = Field("fast", description="vectorised over seeds, or the generic loop")
+    n_test: int = Field(1000, ge=1, le=10_000_000, description="fresh test points for test_mse_excess")
+    method: Literal["fast", "loop"] = Field("fast", description="every seed of a policy at once, or one seed at a time with a folder per generation")
 
     @model_validator(mode="after")
     def _enough_rows(self):
@@ -43,141 +52,244 @@ class Config(BaseModel):
 
 
 @dataclass
-class Data:
-    X: np.ndarray  # (m, d)
-    y: np.ndarray  # (m,)
+class Design:
+    """Each seed's fixed design X (S, T, d) and Gram matrices of its first m rows, cached per m."""
+
+    seeds: np.ndarray  # (S,) base seeds
+    X: np.ndarray  # (S, T, d)
+    _grams: dict = field(default_factory=dict)
+
+    def prefix(self, r: int) -> np.ndarray:
+        """XᵀX of the first r rows: (S, d, d)."""
+        if r not in self._grams:
+            head = self.X[:, :r]
+            self._grams[r] = head.swapaxes(1, 2) @ head
+        return self._grams[r]
+
+    def gram(self, sizes) -> np.ndarray:
+        """XᵀX of sets of rows cycling through the design, one set of each size in `sizes`, together: (S, d, d)."""
+        T = self.X.shape[1]
+        q, r = np.divmod(np.asarray(sizes, dtype=np.int64).reshape(-1), T)
+        total = q.sum() * self.prefix(T)
+        for rem, count in zip(*np.unique(r[r > 0], return_counts=True)):
+            total = total + count * self.prefix(int(rem))
+        return total
 
 
 @dataclass
-class TestData(Data):
-    w_star: np.ndarray  # (d,)
+class Labels:
+    """A training set of every seed: generated blocks, then explicit rows.
+
+    Generated block b: `sizes[b]` rows cycling through the design, labelled x·W[b] + σε with ε drawn from the
+    stream keys[b] (`noise_sums`, `noise_at`); H[b] = Σ x·y over its rows, (S, d). Explicit rows (what a
+    subsample keeps): design rows `rows` (S, m) with labels `y` (S, m)."""
+
+    design: Design
+    sigma: float
+    W: np.ndarray  # (B, S, d)
+    keys: np.ndarray  # (B, S) uint64
+    sizes: np.ndarray  # (B,) int64
+    H: np.ndarray  # (B, S, d)
+    rows: np.ndarray  # (S, m) int64
+    y: np.ndarray  # (S, m)
+    x: np.ndarray | None = None  # (S, m, d): the explicit rows of the design, kept by a subsample for the fit
+
+    @property
+    def n(self) -> int:
+        return int(self.sizes.sum()) + self.rows.shape[1]
+
+    @classmethod
+    def generated(cls, design: Design, sigma: float, w: np.ndarray, keys: np.ndarray, size: int) -> "Labels":
+        """`size` rows labelled by the weights w (S, d) with noise from the streams keys (S,)."""
+        S, T, d = design.X.shape
+        k = copies(size, T)[: min(size, T)]  # (T',) each row's number of copies
+        z = normal(keys, len(k)) * np.sqrt(k)  # (S, T'): each row's noise summed over its copies, / σ
+        H = design.gram(size) @ w[..., None] + sigma * (design.X[:, : len(k)].swapaxes(1, 2) @ z[..., None])
+        empty = np.empty((S, 0))
+        return cls(design, sigma, w[None], np.asarray(keys, np.uint64)[None], np.array([size]), H[None, ..., 0],
+                   empty.astype(np.int64), empty)
+
+    def labels_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Design rows (S, k), their inputs (S, k, d) and labels (S, k) of the examples at `positions` (S, k)."""
+        S, T, d = self.design.X.shape
+        s = np.arange(S)[:, None]
+        offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+        gen = positions < offsets[-1]
+        b = np.clip(np.searchsorted(offsets, positions, side="right") - 1, 0, max(len(self.sizes) - 1, 0))
+        i = positions - offsets[b]
+        rows = i % T
+        if self.rows.shape[1]:  # some positions fall among the explicit rows
+            extra = np.where(gen, 0, positions - offsets[-1])
+            rows = np.where(gen, rows, np.take_along_axis(self.rows, extra, 1))
+        x = self.design.X[s, rows]  # (S, k, d)
+        y = np.zeros(positions.shape)
+        if len(self.sizes):
+            w = self.W[0][:, None] if len(self.sizes) == 1 else self.W[b, s]  # (S, k or 1, d)
+            y = np.einsum("skd,skd->sk", x, np.broadcast_to(w, x.shape)) + self.sigma * noise_at(self.keys[b, s], i, self.sizes[b], T)
+        if self.rows.shape[1]:
+            y = np.where(gen, y, np.take_along_axis(self.y, extra, 1))
+        return rows, x, y
+
+    def materialise(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every example's design row (S, n), input (S, n, d) and label (S, n): what a plain OLS would stack."""
+        positions = np.broadcast_to(np.arange(self.n), (self.design.X.shape[0], self.n))
+        return self.labels_at(positions)
+
+
+def copies(size: int, T: int) -> np.ndarray:
+    """How many times each design row appears in `size` rows cycling through T: (T,)."""
+    q, r = divmod(size, T)
+    return q + (np.arange(T) < r)
+
+
+def noise_at(keys: np.ndarray, i: np.ndarray, size: np.ndarray, T: int) -> np.ndarray:
+    """ε of example i of generated sets of `size` rows keyed `keys` (all broadcast together).
+
+    Row r = i mod T appears k_r times; its copies' noise is the mean m_r = z_r/√k_r (z_r: normal r of the key)
+    plus the copy's deviation η_c − η̄ from the sub-stream "copies" (η_c: its normal c·T + r). With one copy,
+    ε = z_r."""
+    c, r = np.divmod(i, T)
+    q, rem = np.divmod(size, T)
+    k = np.maximum(q + (r < rem), 1)  # (positions beyond the set, which callers mask out, count once)
+    eps = normal_at(keys, r) / np.sqrt(k)
+    if np.any(k > 1):
+        dev_keys = subkeys(keys, "copies")
+        total = np.zeros(np.shape(eps))
+        for j in range(int(np.max(k))):
+            total += np.where(j < k, normal_at(dev_keys, j * T + r), 0.0)
+        eps = eps + np.where(k > 1, normal_at(dev_keys, c * T + r) - total / k, 0.0)
+    return eps
 
 
 @dataclass
-class Model:
-    w_hat_: np.ndarray  # (d,)
+class TestSet:
+    """Each seed's w* and the sufficient statistics of its n_test fresh points: mse(w) = (wᵀAw − 2wᵀb + c)/m."""
+
+    w_star: np.ndarray  # (S, d)
+    A: np.ndarray  # (S, d, d)
+    b: np.ndarray  # (S, d)
+    c: np.ndarray  # (S,)
+    m: int
+
+
+@dataclass
+class Fitted:
+    w_hat_: np.ndarray  # (S, d)
 
 
 class Family:
+    batched = True
+
     def __init__(self, config: Config, *, device: str = "cpu", cache_dir: Path | None = None):
         self.config = config
+        self.vectorised = config.method == "fast"
+        self.sigma = math.sqrt(config.sigma2)
+        self._truths: dict[bytes, tuple[Design, np.ndarray]] = {}
+        self._tests: dict[bytes, TestSet] = {}
 
-    # -- the draws: one place, shared by the loop and the fast path -----------------------------------
-    def truth(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """The seed's design X (T, d) and true weights w* (d,), with ‖w*‖ ≈ 1."""
-        g = rng(derive_seed(seed, "linreg", "truth"))
-        X = g.standard_normal((self.config.T, self.config.d))
-        w_star = g.standard_normal(self.config.d) / np.sqrt(self.config.d)
-        return X, w_star
+    # -- the draws: one place, shared by every path ---------------------------------------------------------
+    def truth(self, seeds) -> tuple[Design, np.ndarray]:
+        """Each seed's design X (S, T, d) and true weights w* (S, d), ‖w*‖ ≈ 1 (cached for the last seeds)."""
+        seeds = np.atleast_1d(np.asarray(seeds, dtype=np.int64))
+        key = seeds.tobytes()
+        if key not in self._truths:
+            T, d = self.config.T, self.config.d
+            X = normal(stream_keys(seeds, "linreg", "design"), T * d).reshape(len(seeds), T, d)
+            w_star = normal(stream_keys(seeds, "linreg", "w_star"), d) / np.sqrt(d)
+            self._truths = {key: (Design(seeds, X), w_star)}
+        return self._truths[key]
 
-    def noise(self, seed: int, size: int) -> np.ndarray:
-        return np.sqrt(self.config.sigma2) * rng(seed).standard_normal(size)
+    def test_set(self, seeds: np.ndarray, w_star: np.ndarray) -> TestSet:
+        """n_test fresh points per seed, drawn in chunks of seeds and kept as their sufficient statistics."""
+        m, d = self.config.n_test, self.config.d
+        A, b, c = np.empty((len(seeds), d, d)), np.empty((len(seeds), d)), np.empty(len(seeds))
+        keys = stream_keys(seeds, "linreg", "test")
+        step = max(1, TEST_CHUNK // (m * (d + 1)))
+        for lo in range(0, len(seeds), step):
+            hi = lo + step
+            draws = normal(keys[lo:hi], m * (d + 1)).reshape(-1, m, d + 1)
+            X = draws[..., :d]  # (s, m, d)
+            y = np.einsum("smd,sd->sm", X, w_star[lo:hi]) + self.sigma * draws[..., d]
+            A[lo:hi] = X.swapaxes(1, 2) @ X
+            b[lo:hi] = np.einsum("smd,sm->sd", X, y)
+            c[lo:hi] = np.einsum("sm,sm->s", y, y)
+        return TestSet(w_star, A, b, c, m)
 
-    # -- the family protocol ----------------------------------------------------------------------
-    def real_data(self, split: str, seed: int, draw: int = 0) -> Data:
-        X, w_star = self.truth(seed)
+    # -- the family protocol ------------------------------------------------------------------------------
+    def real_data(self, split: str, seed, draw: int = 0) -> Labels | TestSet:
+        seeds = np.atleast_1d(np.asarray(seed, dtype=np.int64))
+        design, w_star = self.truth(seeds)
         if split == "test":
-            g = rng(derive_seed(seed, "linreg", "test"))
-            X_test = g.standard_normal((self.config.n_test, self.config.d))
-            y_test = X_test @ w_star + np.sqrt(self.config.sigma2) * g.standard_normal(self.config.n_test)
-            return TestData(X_test, y_test, w_star)
+            if seeds.tobytes() not in self._tests:
+                self._tests = {seeds.tobytes(): self.test_set(seeds, w_star)}
+            return self._tests[seeds.tobytes()]
         # the fixed design: further real draws (the `fresh` policy) relabel the same X with fresh noise
-        return Data(X, X @ w_star + self.noise(derive_seed(seed, "linreg", "real", draw), self.config.T))
+        return Labels.generated(design, self.sigma, w_star, stream_keys(seeds, "linreg", "real", draw), self.config.T)
 
-    def size(self, data: Data) -> int:
-        return len(data.y)
+    def size(self, data: Labels) -> int:
+        return data.n
 
-    def concat(self, datasets: list[Data]) -> Data:
-        return Data(np.concatenate([d.X for d in datasets]), np.concatenate([d.y for d in datasets]))
+    def concat(self, datasets: list[Labels]) -> Labels:
+        first = datasets[0]
+        return replace(
+            first,
+            W=np.concatenate([d.W for d in datasets]), keys=np.concatenate([d.keys for d in datasets]),
+            sizes=np.concatenate([d.sizes for d in datasets]), H=np.concatenate([d.H for d in datasets]),
+            rows=np.concatenate([d.rows for d in datasets], axis=1), y=np.concatenate([d.y for d in datasets], axis=1),
+            x=None if any(d.x is None and d.rows.shape[1] for d in datasets) else
+            np.concatenate([d.x if d.x is not None else d.design.X[:, :0] for d in datasets], axis=1),
+        )  # fmt: skip
 
-    def subsample(self, data: Data, size: int, seed: int) -> Data:
-        idx = rng(seed).choice(len(data.y), size=size, replace=False)
-        return Data(data.X[idx], data.y[idx])
+    def subsample(self, data: Labels, size: int, seed) -> Labels:
+        rows, x, y = data.labels_at(choose(seed, data.n, size))
+        S, d = data.design.X.shape[0], self.config.d
+        return Labels(data.design, data.sigma, np.empty((0, S, d)), np.empty((0, S), np.uint64), np.empty(0, np.int64),
+                      np.empty((0, S, d)), rows, y, x)
 
-    def fit(self, train: Data, seed: int, workdir: Path) -> Model:
-        return Model(np.linalg.lstsq(train.X, train.y, rcond=None)[0])
+    def fit(self, train: Labels, seed, workdir: Path | None) -> Fitted:
+        design = train.design
+        G = design.gram(train.sizes)
+        h = train.H.sum(0)
+        if train.rows.shape[1]:
+            x = train.x if train.x is not None else design.X[np.arange(len(design.seeds))[:, None], train.rows]  # (S, m, d)
+            G = G + x.swapaxes(1, 2) @ x
+            h = h + (x.swapaxes(1, 2) @ train.y[..., None])[..., 0]
+        return Fitted(np.linalg.solve(G, h[..., None])[..., 0])
 
-    def evaluate(self, model: Model, test: TestData, seed: int, workdir: Path) -> dict[str, float]:
-        return metrics(model.w_hat_, test, self.config.sigma2)
+    def evaluate(self, model: Fitted, test: TestSet, seed, workdir: Path | None) -> dict[str, np.ndarray]:
+        w = model.w_hat_
+        mse = (np.einsum("sd,sde,se->s", w, test.A, w) - 2 * np.einsum("sd,sd->s", w, test.b) + test.c) / test.m
+        return {"test_error": np.sum((w - test.w_star) ** 2, axis=-1), "test_mse_excess": mse - self.config.sigma2}
 
-    def sample(self, model: Model, size: int, like: Data, seed: int, workdir: Path) -> Data:
-        """New labels for the real design's rows (cycled when more than T are asked): Xŵ + fresh noise."""
-        X = like.X[np.arange(size) % len(like.y)]
-        data = Data(X, X @ model.w_hat_ + self.noise(seed, size))
-        atomic_save_npy(workdir / "synthetic_X.npy", data.X)
-        atomic_save_npy(workdir / "synthetic_y.npy", data.y)
+    def sample(self, model: Fitted, size: int, like: Labels, seed, workdir: Path | None) -> Labels:
+        """New labels for `size` rows of the real design (cycled when more than T are asked): Xŵ + noise."""
+        data = Labels.generated(like.design, self.sigma, model.w_hat_, seed, size)
+        if workdir is not None:
+            _save_npz(Path(workdir) / "synthetic.npz", seeds=like.design.seeds, w=model.w_hat_, keys=np.asarray(seed, np.uint64), size=size)
         return data
 
-    def load_sample(self, workdir: Path) -> Data:
-        return Data(np.load(workdir / "synthetic_X.npy"), np.load(workdir / "synthetic_y.npy"))
+    def load_sample(self, workdir: Path) -> Labels:
+        with np.load(Path(workdir) / "synthetic.npz") as f:
+            design, _ = self.truth(f["seeds"])
+            return Labels.generated(design, self.sigma, f["w"], f["keys"], int(f["size"]))
 
-    def save_model(self, model: Model, workdir: Path) -> None:
-        atomic_save_npy(workdir / "w_hat.npy", model.w_hat_)
+    def save_model(self, model: Fitted, workdir: Path) -> None:
+        atomic_save_npy(Path(workdir) / "w_hat.npy", model.w_hat_)
 
-    def load_model(self, workdir: Path) -> Model:
-        return Model(np.load(workdir / "w_hat.npy"))
-
-    # -- the fast path --------------------------------------------------------------------------------
-    def fast_policies(self) -> tuple[str, ...]:
-        return ("replace", "accumulate", "replace-grown") if self.config.method == "fast" else ()
-
-    def run_fast(self, policy: str, seeds: list[int], iterations: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """ŵ for every seed and iteration, (S, N, d), and each metric (S, N), on exactly the draws the
-        generic loop makes."""
-        T = self.config.T
-        truths = [self.truth(s) for s in seeds]
-        X = np.stack([x for x, _ in truths])  # (S, T, d)
-        y1 = np.stack([self.real_data("train", s).y for s in seeds])  # (S, T)
-        # each later generation's noise, averaged over its copies of X: replace-grown draws n·T, others T
-        E = np.zeros((len(seeds), iterations - 1, T))
-        for i, s in enumerate(seeds):
-            for n in range(2, iterations + 1):
-                k = n if policy == "replace-grown" else 1
-                E[i, n - 2] = self.noise(stream_seed(s, policy, n, "sample"), k * T).reshape(k, T).mean(0)
-        W = fit_chains(X, y1, E, policy)
-        tests = [self.real_data("test", s) for s in seeds]
-        X_test = np.stack([t.X for t in tests])  # (S, m, d)
-        y_test = np.stack([t.y for t in tests])  # (S, m)
-        w_star = np.stack([t.w_star for t in tests])  # (S, d)
-        residual = W @ X_test.swapaxes(1, 2) - y_test[:, None]  # (S, N, m)
-        return W, {
-            "test_error": np.sum((W - w_star[:, None]) ** 2, axis=-1),
-            "test_mse_excess": np.mean(residual**2, axis=-1) - self.config.sigma2,
-        }
+    def load_model(self, workdir: Path) -> Fitted:
+        return Fitted(np.load(Path(workdir) / "w_hat.npy"))
 
 
-def fit_chains(X: np.ndarray, y1: np.ndarray, E: np.ndarray, policy: str) -> np.ndarray:
-    """OLS chains for many seeds at once. X (S, T, d), real labels y1 (S, T), generation noise E (S, N−1, T)
-    (for replace-grown, the mean over that generation's copies). Returns ŵ (S, N, d).
+def _save_npz(path: Path, **arrays) -> None:
+    import io
 
-    With G = XᵀX and u_n = G⁻¹XᵀE_n: replace is ŵ_n = ŵ_{n−1} + u_n; replace-grown the same with E_n
-    averaged over n copies; accumulate averages G⁻¹Xᵀy_i over every labelling so far, i.e. ŵ_n = (S_n)/n with
-    S_n = S_{n−1} + ŵ_{n−1} + u_n.
-    """
-    Xt = X.swapaxes(1, 2)  # (S, d, T)
-    G = Xt @ X  # (S, d, d)
-    rhs = Xt @ np.concatenate([y1[:, :, None], E.swapaxes(1, 2)], axis=2)  # (S, d, N): Xᵀy_1, XᵀE_2..XᵀE_N
-    U = np.linalg.solve(G, rhs).swapaxes(1, 2)  # (S, N, d): ŵ_1, then u_2..u_N
-    if policy in ("replace", "replace-grown"):
-        return np.cumsum(U, axis=1)
-    assert policy == "accumulate"
-    W = np.empty_like(U)
-    W[:, 0] = total = U[:, 0]
-    for n in range(1, U.shape[1]):
-        total = total + W[:, n - 1] + U[:, n]
-        W[:, n] = total / (n + 1)
-    return W
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
-def metrics(w_hat: np.ndarray, test: TestData, sigma2: float) -> dict[str, float]:
-    return {
-        "test_error": float(np.sum((w_hat - test.w_star) ** 2)),
-        "test_mse_excess": float(np.mean((test.X @ w_hat - test.y) ** 2) - sigma2),
-    }
-
-
-def theory_curve(config: Config, policy: str, iterations: int) -> np.ndarray | None:
-    """The closed form E‖ŵ_n − w*‖² for `test_error`, where the paper gives one."""
-    if policy not in theory.LINREG_POLICIES:
+def theory(config: Config, policy, iterations: int) -> dict[str, np.ndarray] | None:
+    """The closed form E‖ŵ_n − w*‖² of `test_error`, where the paper gives one."""
+    if policy.name not in closed_forms.LINREG_POLICIES:
         return None
-    return theory.linreg_test_error(policy, config.d, config.T, config.sigma2, iterations)
+    return {"test_error": closed_forms.linreg_test_error(policy.name, config.d, config.T, config.sigma2, iterations)}
