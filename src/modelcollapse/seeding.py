@@ -103,29 +103,33 @@ def normal(keys: np.ndarray, n: int) -> np.ndarray:
     return out[:, :n]
 
 
-CHOOSE_CHUNK = 1 << 22  # index entries held at once by `choose` (32 MiB of int64)
+CHOOSE_CHUNK = 1 << 24  # index entries held at once by `choose` (64 MiB of int32)
 
 
 def choose(keys: np.ndarray, population: int, k: int) -> np.ndarray:
     """k distinct indices of range(population) for each stream, uniformly without replacement: (S, k).
 
-    A partial Fisher–Yates shuffle, vectorised over the streams and done in chunks of streams so memory stays
-    bounded however large the population: step i swaps position i with a uniform position in [i, population)."""
+    A partial Fisher–Yates shuffle, vectorised over the streams: step i swaps position i with a uniform
+    position in [i, population). Streams go in chunks so memory stays bounded however large the population;
+    one index buffer serves every chunk, the positions a chunk touched put back after it."""
     keys = np.asarray(keys, dtype=np.uint64)
     if not 0 <= k <= population:
         raise ValueError(f"cannot choose {k} distinct items of {population}")
+    dtype = np.int32 if population < 2**31 else np.int64
     u = uniform(keys[:, None], np.arange(k, dtype=np.uint64))  # (S, k)
     steps = np.arange(k)
     j = steps + np.minimum((u * (population - steps)).astype(np.int64), population - 1 - steps)  # (S, k) in [i, population)
     out = np.empty((len(keys), k), dtype=np.int64)
-    chunk = max(1, CHOOSE_CHUNK // max(population, 1))
+    chunk = max(1, min(len(keys), CHOOSE_CHUNK // max(population, 1)))
+    idx = np.broadcast_to(np.arange(population, dtype=dtype), (chunk, population)).copy()
     for lo in range(0, len(keys), chunk):
-        idx = np.broadcast_to(np.arange(population, dtype=np.int64), (min(chunk, len(keys) - lo), population)).copy()
-        rows = np.arange(len(idx))
+        n = min(chunk, len(keys) - lo)
+        rows, jj = np.arange(n), j[lo : lo + n]
         for i in range(k):
-            ji = j[lo : lo + len(idx), i]
-            a = idx[rows, i].copy()
-            idx[rows, i] = idx[rows, ji]
-            idx[rows, ji] = a
-        out[lo : lo + len(idx)] = idx[:, :k]
+            held = idx[rows, i]  # fancy indexing copies
+            idx[rows, i] = idx[rows, jj[:, i]]
+            idx[rows, jj[:, i]] = held
+        out[lo : lo + n] = idx[:n, :k]
+        idx[rows[:, None], jj] = jj  # put back what this chunk moved: positions < k and the j's
+        idx[:n, :k] = np.arange(k, dtype=dtype)
     return out

@@ -14,7 +14,8 @@ import numpy as np
 
 from modelcollapse.errors import BadInput
 
-BENCHES = {"linreg": ("linreg", "linreg"), "lm-train": ("lm", "lm_train"), "lm-sample": ("lm", "lm_sample")}
+BENCHES = {"linreg": ("linreg", "linreg"), "linreg-all": ("linreg", "linreg_all"), "lm-train": ("lm", "lm_train"),
+           "lm-sample": ("lm", "lm_sample")}
 
 
 def run_bench(name: str, quick: bool = False) -> list[dict]:

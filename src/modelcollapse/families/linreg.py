@@ -8,20 +8,18 @@ empirical reading, the mean squared error on `n_test` fresh points minus σ², i
 The family is batched: every call handles many seeds at once, so `method = "fast"` (the default) runs every
 seed of a policy in one pass and `method = "loop"` one seed at a time, a folder per generation, on the same
 draws. With X fixed, OLS on any training set needs only XᵀX and Xᵀy, so:
-- a generated labelling (the real labels, a synthetic set, a fresh real draw) is kept as the weights that made
-  it, a noise stream key and a row count, with its Xᵀy computed once; its labels are never stored, and any
-  of them can be recomputed alone (a subsample recomputes just the ones it keeps);
-- a labelling of k·T rows (replace-grown's) cycles through X k times. Its noise is drawn as each row's mean
-  over the copies, m_r ~ N(0, σ²/k), plus each copy's deviation η_c − η̄ from a second stream: exactly
-  i.i.d. N(0, σ²) labels (the mean of Gaussians is independent of the deviations from it), yet OLS, which
-  sees only the means, needs T draws, not k·T;
+- a generated labelling (the real labels, a synthetic set, a fresh real draw) is a `Block`: the weights that
+  made it, noise stream keys and a row count, with its Xᵀy computed once. Its labels are never stored; any of
+  them can be recomputed alone (a subsample recomputes just the ones it keeps);
+- the noise is drawn so that Xᵀε, all OLS needs, costs d draws per seed, not T (or k·T for replace-grown's
+  k copies of X), while every label stays exactly x·w + N(0, σ²), i.i.d. (see `Block`);
 - every generation is one batched d×d solve; accumulate's growing pool is a sum of cached Xᵀy.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -53,11 +51,13 @@ class Config(BaseModel):
 
 @dataclass
 class Design:
-    """Each seed's fixed design X (S, T, d) and Gram matrices of its first m rows, cached per m."""
+    """Each seed's fixed design X (S, T, d), with the Gram matrices (and their Cholesky factors) of its first
+    m rows, cached per m."""
 
     seeds: np.ndarray  # (S,) base seeds
     X: np.ndarray  # (S, T, d)
     _grams: dict = field(default_factory=dict)
+    _chols: dict = field(default_factory=dict)
 
     def prefix(self, r: int) -> np.ndarray:
         """XᵀX of the first r rows: (S, d, d)."""
@@ -65,6 +65,12 @@ class Design:
             head = self.X[:, :r]
             self._grams[r] = head.swapaxes(1, 2) @ head
         return self._grams[r]
+
+    def chol(self, r: int) -> np.ndarray:
+        """L with LLᵀ = XᵀX of the first r rows (r ≥ d): (S, d, d)."""
+        if r not in self._chols:
+            self._chols[r] = np.linalg.cholesky(self.prefix(r))
+        return self._chols[r]
 
     def gram(self, sizes) -> np.ndarray:
         """XᵀX of sets of rows cycling through the design, one set of each size in `sizes`, together: (S, d, d)."""
@@ -76,56 +82,122 @@ class Design:
         return total
 
 
-@dataclass
-class Labels:
-    """A training set of every seed: generated blocks, then explicit rows.
+@dataclass(eq=False)
+class Block:
+    """One generated labelling: `size` rows cycling through the design (row r appears k_r times), labelled
+    x·w + σε, its noise drawn from the streams `keys` as follows.
 
-    Generated block b: `sizes[b]` rows cycling through the design, labelled x·W[b] + σε with ε drawn from the
-    stream keys[b] (`noise_sums`, `noise_at`); H[b] = Σ x·y over its rows, (S, d). Explicit rows (what a
-    subsample keeps): design rows `rows` (S, m) with labels `y` (S, m)."""
+    Each row's noise summed over its copies is √k_r·z_r with z ~ N(0, I). Where every row has the same count
+    k and the rows span R^d, z is drawn as z = X'a + η, a = G'⁻¹(Lu − X'ᵀη), from u ~ N(0, I_d) and
+    η ~ N(0, I_T') (X' the T' distinct rows, G' = X'ᵀX' = LLᵀ): z's component in the span of X' is X'G'⁻¹Lu
+    and the rest is η's, so z ~ N(0, I) exactly — and X'ᵀz = Lu, all the fit needs, costs d draws, not T'.
+    η (and a) are drawn only when single labels are needed (a subsample, `materialise`). Otherwise z is drawn
+    directly. A row's copies add deviations η'_c − η̄' from a third stream, so each copy's noise is
+    z_r/√k + η'_c − η̄': i.i.d. N(0, 1) again (the mean of Gaussians is independent of the deviations from it)."""
 
     design: Design
     sigma: float
-    W: np.ndarray  # (B, S, d)
-    keys: np.ndarray  # (B, S) uint64
-    sizes: np.ndarray  # (B,) int64
-    H: np.ndarray  # (B, S, d)
+    w: np.ndarray  # (S, d) the weights that labelled it
+    keys: np.ndarray  # (S,) uint64
+    size: int
+    H: np.ndarray = None  # (S, d) Σ x·y over its rows
+    _a: np.ndarray | None = None  # (S, d), drawn when first needed
+
+    def __post_init__(self):
+        S, T, d = self.design.X.shape
+        q, rem = divmod(self.size, T)
+        self.rows = min(self.size, T)  # T', the distinct rows
+        self.uniform = rem == 0 or q == 0
+        self.k = max(q, 1) if self.uniform else None  # copies of every row
+        self.projected = self.uniform and self.rows >= d
+        gram = self.design.gram([self.size])
+        if self.projected:
+            u = normal(subkeys(self.keys, "u"), d)  # (S, d)
+            noise = np.sqrt(self.k) * (self.design.chol(self.rows) @ u[..., None])[..., 0]
+        else:
+            k = copies(self.size, T)[: self.rows]
+            z = normal(self.keys, self.rows) * np.sqrt(k)  # (S, T')
+            noise = (self.design.X[:, : self.rows].swapaxes(1, 2) @ z[..., None])[..., 0]
+        self.H = (gram @ self.w[..., None])[..., 0] + self.sigma * noise
+
+    @property
+    def a(self) -> np.ndarray:
+        """G'⁻¹(Lu − X'ᵀη): z = X'a + η (zero where z is drawn directly)."""
+        if self._a is None:
+            S, T, d = self.design.X.shape
+            if not self.projected:
+                self._a = np.zeros((S, d))
+            else:
+                X = self.design.X[:, : self.rows]
+                u = normal(subkeys(self.keys, "u"), d)
+                eta = normal(subkeys(self.keys, "eta"), self.rows)
+                rhs = self.design.chol(self.rows) @ u[..., None] - X.swapaxes(1, 2) @ eta[..., None]
+                self._a = np.linalg.solve(self.design.prefix(self.rows), rhs)[..., 0]
+        return self._a
+
+    @property
+    def point_keys(self) -> np.ndarray:
+        """The stream of the per-row part of z: η's where z = X'a + η, else z's own."""
+        return subkeys(self.keys, "eta") if self.projected else self.keys
+
+    @property
+    def v(self) -> np.ndarray:
+        """w + σa/√k: a label is x·v + σ(η_r/√k_r + the copy's deviation)."""
+        if not hasattr(self, "_v"):
+            self._v = self.w + self.sigma * self.a / np.sqrt(self.k or 1)
+        return self._v
+
+
+@dataclass
+class Labels:
+    """A training set of every seed: generated blocks (a pool of labellings, shared, never copied), then
+    explicit rows — what a subsample keeps: design rows `rows` (S, m), their inputs `x` and labels `y`."""
+
+    design: Design
+    blocks: list[Block]
     rows: np.ndarray  # (S, m) int64
     y: np.ndarray  # (S, m)
-    x: np.ndarray | None = None  # (S, m, d): the explicit rows of the design, kept by a subsample for the fit
+    x: np.ndarray | None = None  # (S, m, d), or None when there are no explicit rows
 
     @property
     def n(self) -> int:
-        return int(self.sizes.sum()) + self.rows.shape[1]
+        return sum(b.size for b in self.blocks) + self.rows.shape[1]
 
     @classmethod
-    def generated(cls, design: Design, sigma: float, w: np.ndarray, keys: np.ndarray, size: int) -> "Labels":
-        """`size` rows labelled by the weights w (S, d) with noise from the streams keys (S,)."""
-        S, T, d = design.X.shape
-        k = copies(size, T)[: min(size, T)]  # (T',) each row's number of copies
-        z = normal(keys, len(k)) * np.sqrt(k)  # (S, T'): each row's noise summed over its copies, / σ
-        H = design.gram(size) @ w[..., None] + sigma * (design.X[:, : len(k)].swapaxes(1, 2) @ z[..., None])
-        empty = np.empty((S, 0))
-        return cls(design, sigma, w[None], np.asarray(keys, np.uint64)[None], np.array([size]), H[None, ..., 0],
-                   empty.astype(np.int64), empty)
+    def of(cls, design: Design, blocks: list[Block]) -> "Labels":
+        S, d = design.X.shape[0], design.X.shape[2]
+        return cls(design, blocks, np.empty((S, 0), np.int64), np.empty((S, 0)), np.empty((S, 0, d)))
 
     def labels_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Design rows (S, k), their inputs (S, k, d) and labels (S, k) of the examples at `positions` (S, k)."""
         S, T, d = self.design.X.shape
         s = np.arange(S)[:, None]
-        offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+        sizes = np.array([b.size for b in self.blocks], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
         gen = positions < offsets[-1]
-        b = np.clip(np.searchsorted(offsets, positions, side="right") - 1, 0, max(len(self.sizes) - 1, 0))
+        if len(sizes) and (sizes == sizes[0]).all():  # a pool of equal labellings: the block is a division
+            b = np.minimum(positions // sizes[0], len(sizes) - 1)
+        else:
+            b = np.clip(np.searchsorted(offsets, positions, side="right") - 1, 0, max(len(sizes) - 1, 0))
         i = positions - offsets[b]
         rows = i % T
         if self.rows.shape[1]:  # some positions fall among the explicit rows
             extra = np.where(gen, 0, positions - offsets[-1])
             rows = np.where(gen, rows, np.take_along_axis(self.rows, extra, 1))
         x = self.design.X[s, rows]  # (S, k, d)
-        y = np.zeros(positions.shape)
-        if len(self.sizes):
-            w = self.W[0][:, None] if len(self.sizes) == 1 else self.W[b, s]  # (S, k or 1, d)
-            y = np.einsum("skd,skd->sk", x, np.broadcast_to(w, x.shape)) + self.sigma * noise_at(self.keys[b, s], i, self.sizes[b], T)
+        if not self.blocks:
+            return rows, x, np.take_along_axis(self.y, positions, 1)
+        # label = x·(w + σa/√k) + σ(η_r/√k + deviation of the copy), block by block (see Block)
+        sigma = self.blocks[0].sigma
+        k = np.maximum(sizes[b] // T + (rows < sizes[b] % T), 1)  # (S, k) copies of each pick's row
+        if len(self.blocks) == 1:
+            v_pick, point = self.blocks[0].v[:, None], self.blocks[0].point_keys[:, None]
+        else:
+            v_pick = np.stack([bl.v for bl in self.blocks], axis=1)[s, b]  # (S, k, d)
+            point = np.stack([bl.point_keys for bl in self.blocks], axis=1)[s, b]
+        y = np.einsum("skd,skd->sk", x, np.broadcast_to(v_pick, x.shape)) + sigma * normal_at(point, rows) / np.sqrt(k)
+        if k.max() > 1:
+            y = y + sigma * copy_deviation(np.stack([bl.keys for bl in self.blocks])[b, s], i, sizes[b], T)
         if self.rows.shape[1]:
             y = np.where(gen, y, np.take_along_axis(self.y, extra, 1))
         return rows, x, y
@@ -142,23 +214,18 @@ def copies(size: int, T: int) -> np.ndarray:
     return q + (np.arange(T) < r)
 
 
-def noise_at(keys: np.ndarray, i: np.ndarray, size: np.ndarray, T: int) -> np.ndarray:
-    """ε of example i of generated sets of `size` rows keyed `keys` (all broadcast together).
-
-    Row r = i mod T appears k_r times; its copies' noise is the mean m_r = z_r/√k_r (z_r: normal r of the key)
-    plus the copy's deviation η_c − η̄ from the sub-stream "copies" (η_c: its normal c·T + r). With one copy,
-    ε = z_r."""
+def copy_deviation(keys: np.ndarray, i: np.ndarray, size: np.ndarray, T: int) -> np.ndarray:
+    """η'_c − η̄' of example i (copy c of row r) of generated sets of `size` rows keyed `keys`, all
+    broadcast together: zero for rows that appear once. (For sets whose rows appear unequally often, the
+    row's own count enters: z_r/√k_r there is drawn directly, see Block.)"""
     c, r = np.divmod(i, T)
     q, rem = np.divmod(size, T)
-    k = np.maximum(q + (r < rem), 1)  # (positions beyond the set, which callers mask out, count once)
-    eps = normal_at(keys, r) / np.sqrt(k)
-    if np.any(k > 1):
-        dev_keys = subkeys(keys, "copies")
-        total = np.zeros(np.shape(eps))
-        for j in range(int(np.max(k))):
-            total += np.where(j < k, normal_at(dev_keys, j * T + r), 0.0)
-        eps = eps + np.where(k > 1, normal_at(dev_keys, c * T + r) - total / k, 0.0)
-    return eps
+    k = np.maximum(q + (r < rem), 1)
+    dev_keys = subkeys(keys, "copies")
+    total = np.zeros(np.shape(i))
+    for j in range(int(np.max(k))):
+        total += np.where(j < k, normal_at(dev_keys, j * T + r), 0.0)
+    return np.where(k > 1, normal_at(dev_keys, c * T + r) - total / k, 0.0)
 
 
 @dataclass
@@ -224,36 +291,26 @@ class Family:
                 self._tests = {seeds.tobytes(): self.test_set(seeds, w_star)}
             return self._tests[seeds.tobytes()]
         # the fixed design: further real draws (the `fresh` policy) relabel the same X with fresh noise
-        return Labels.generated(design, self.sigma, w_star, stream_keys(seeds, "linreg", "real", draw), self.config.T)
+        return Labels.of(design, [Block(design, self.sigma, w_star, stream_keys(seeds, "linreg", "real", draw), self.config.T)])
 
     def size(self, data: Labels) -> int:
         return data.n
 
     def concat(self, datasets: list[Labels]) -> Labels:
-        first = datasets[0]
-        return replace(
-            first,
-            W=np.concatenate([d.W for d in datasets]), keys=np.concatenate([d.keys for d in datasets]),
-            sizes=np.concatenate([d.sizes for d in datasets]), H=np.concatenate([d.H for d in datasets]),
-            rows=np.concatenate([d.rows for d in datasets], axis=1), y=np.concatenate([d.y for d in datasets], axis=1),
-            x=None if any(d.x is None and d.rows.shape[1] for d in datasets) else
-            np.concatenate([d.x if d.x is not None else d.design.X[:, :0] for d in datasets], axis=1),
-        )  # fmt: skip
+        return Labels(datasets[0].design, [b for d in datasets for b in d.blocks],
+                      np.concatenate([d.rows for d in datasets], axis=1), np.concatenate([d.y for d in datasets], axis=1),
+                      np.concatenate([d.x for d in datasets], axis=1))
 
     def subsample(self, data: Labels, size: int, seed) -> Labels:
         rows, x, y = data.labels_at(choose(seed, data.n, size))
-        S, d = data.design.X.shape[0], self.config.d
-        return Labels(data.design, data.sigma, np.empty((0, S, d)), np.empty((0, S), np.uint64), np.empty(0, np.int64),
-                      np.empty((0, S, d)), rows, y, x)
+        return Labels(data.design, [], rows, y, x)
 
     def fit(self, train: Labels, seed, workdir: Path | None) -> Fitted:
-        design = train.design
-        G = design.gram(train.sizes)
-        h = train.H.sum(0)
+        G = train.design.gram([b.size for b in train.blocks])
+        h = sum((b.H for b in train.blocks), np.zeros(G.shape[:2]))
         if train.rows.shape[1]:
-            x = train.x if train.x is not None else design.X[np.arange(len(design.seeds))[:, None], train.rows]  # (S, m, d)
-            G = G + x.swapaxes(1, 2) @ x
-            h = h + (x.swapaxes(1, 2) @ train.y[..., None])[..., 0]
+            G = G + train.x.swapaxes(1, 2) @ train.x
+            h = h + (train.x.swapaxes(1, 2) @ train.y[..., None])[..., 0]
         return Fitted(np.linalg.solve(G, h[..., None])[..., 0])
 
     def evaluate(self, model: Fitted, test: TestSet, seed, workdir: Path | None) -> dict[str, np.ndarray]:
@@ -263,7 +320,7 @@ class Family:
 
     def sample(self, model: Fitted, size: int, like: Labels, seed, workdir: Path | None) -> Labels:
         """New labels for `size` rows of the real design (cycled when more than T are asked): Xŵ + noise."""
-        data = Labels.generated(like.design, self.sigma, model.w_hat_, seed, size)
+        data = Labels.of(like.design, [Block(like.design, self.sigma, model.w_hat_, np.asarray(seed, np.uint64), size)])
         if workdir is not None:
             _save_npz(Path(workdir) / "synthetic.npz", seeds=like.design.seeds, w=model.w_hat_, keys=np.asarray(seed, np.uint64), size=size)
         return data
@@ -271,7 +328,7 @@ class Family:
     def load_sample(self, workdir: Path) -> Labels:
         with np.load(Path(workdir) / "synthetic.npz") as f:
             design, _ = self.truth(f["seeds"])
-            return Labels.generated(design, self.sigma, f["w"], f["keys"], int(f["size"]))
+            return Labels.of(design, [Block(design, self.sigma, f["w"], f["keys"], int(f["size"]))])
 
     def save_model(self, model: Fitted, workdir: Path) -> None:
         atomic_save_npy(Path(workdir) / "w_hat.npy", model.w_hat_)
