@@ -96,6 +96,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, progress: bool | None = Non
             distributed.check_world(cfg, distributed.world_size())
             RunDir.check(out, cfg.hash())  # refuse a foreign DIR before anything is built or written
             family = make_family(cfg, device)
+            check_memory(cfg, vectorised(family))
             first = seed_arg(family, cfg.seeds[:1])
             family.real_data("train", first)  # bad data files fail here, before anything is written
             family.real_data("test", first)
@@ -124,6 +125,29 @@ def run_experiment(cfg: ExperimentConfig, out: Path, progress: bool | None = Non
             if resumed and store.appended:
                 store.reset_metrics(finished_rows(store, cfg, family))  # resumed units were appended after later ones
     return out
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (Linux's MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(cfg: ExperimentConfig, all_seeds: bool) -> None:
+    """Refuse a run whose family says it needs more memory than this machine has, before anything starts."""
+    estimate = cfg.family_module.memory_estimate
+    have = available_memory()
+    if estimate is None or have is None:
+        return
+    need = estimate(cfg.family_config, len(cfg.seeds), cfg.iterations, all_seeds)
+    if need > have:
+        raise BadInput(f"this run needs about {need / 2**30:,.1f} GiB of memory ({cfg.family} with {len(cfg.seeds):,} seeds x "
+                       f"{cfg.iterations:,} iterations) and this machine has {have / 2**30:,.1f} GiB available; make it smaller")
 
 
 def finished_rows(store: RunDir, cfg: ExperimentConfig, family) -> list[dict]:
@@ -259,7 +283,7 @@ def run_batch(family, store: RunDir, cfg: ExperimentConfig, policy: Policy, seed
     """Every seed of one policy at once, one unit of the run directory whose rows stream out as each
     generation ends."""
     N, label, unit = cfg.iterations, policy.label, store.batch_dir(policy.label)
-    if store.record(unit) is not None:
+    if store.finished(unit) is not None:
         bar.update(N)
         return
     t0 = time.perf_counter()

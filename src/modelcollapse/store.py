@@ -141,6 +141,9 @@ class RunDir:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise BadInput(f"--out {path}: exists and is not a directory")
+        for name in ("manifest.json", "metrics.jsonl", "run.log", ".lock"):
+            if (path / name).is_symlink():
+                raise BadInput(f"{path / name} is a symbolic link; a run writes only inside its directory: remove the link")
         manifest = path / "manifest.json"
         if manifest.exists() or manifest.is_symlink():
             old = _read_manifest(manifest)
@@ -228,9 +231,13 @@ class RunDir:
             return None
         if "rows" in record:
             return record["rows"]
-        self.verify(unit, only=[record["arrays"]])
-        with np.load(unit / record["arrays"]) as f:
-            arrays = {m: f[m] for m in record["metrics"]}
+        try:  # a vectorised unit depends on no other: a damaged one is simply done again
+            self.verify(unit, only=[record["arrays"]])
+            with np.load(unit / record["arrays"]) as f:
+                arrays = {m: f[m] for m in record["metrics"]}
+        except (BadInput, OSError, ValueError, KeyError) as e:
+            self.log(f"{unit}: its metrics cannot be trusted ({e}); recomputing it")
+            return None
         seeds, policy = record["seeds"], record["policy"]
         return [dict(policy=policy, seed=s, iteration=n + 1, metric=m, value=float(arrays[m][i, n]))
                 for n in range(record["iterations"]) for i, s in enumerate(seeds) for m in record["metrics"]]

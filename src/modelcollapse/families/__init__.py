@@ -10,7 +10,9 @@ importable module (`my_package.my_module`) or a path to a `.py` file — and rea
 - optional, module level: `PRIMARY_METRIC` (the metric the report leads with), `theory(config, policy,
   iterations)` (exact expectations per iteration, `{metric: array}`, or None where there is none),
   `export(gen_dir, out_dir)` (a generation's model in its field's format), `check_data_parallel(config,
-  world)` (the family trains data-parallel; raises BadInput when it cannot be split over `world` processes).
+  world)` (the family trains data-parallel; raises BadInput when it cannot be split over `world` processes),
+  `memory_estimate(config, seeds, iterations, vectorised)` (bytes a run will hold at its peak, so one that
+  cannot fit in memory is refused before it starts).
 
 The loop, report and command line ask the `FamilyModule` that `load_family` returns; none of them looks
 inside a family for other names.
@@ -102,6 +104,7 @@ class FamilyModule:
     theory: Callable[[BaseModel, Any, int], dict | None] | None = None
     export: Callable[[Path, Path], Path] | None = None
     check_data_parallel: Callable[[BaseModel, int], None] | None = None
+    memory_estimate: Callable[[BaseModel, int, int, bool], int] | None = None
 
     def build(self, config: BaseModel, device: str, cache_dir: Path):
         return self.Family(config, device=device, cache_dir=cache_dir)
@@ -159,7 +162,7 @@ def load_family(name: str) -> FamilyModule:
     missing = [m for m in METHODS if not callable(getattr(family_cls, m, None))]
     if missing:
         raise BadInput(f"config error: family: {name!r}: Family lacks {', '.join(missing)}")
-    optional = {k: getattr(module, k, None) for k in ("theory", "export", "check_data_parallel")}
+    optional = {k: getattr(module, k, None) for k in ("theory", "export", "check_data_parallel", "memory_estimate")}
     for k, f in optional.items():
         if f is not None and not callable(f):
             raise BadInput(f"config error: family: {name!r}: {k} must be a function")

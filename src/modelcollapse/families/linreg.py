@@ -345,6 +345,14 @@ def _save_npz(path: Path, **arrays) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def memory_estimate(config: Config, seeds: int, iterations: int, vectorised: bool) -> int:
+    """Bytes a run holds at its peak: the designs and the temporaries of a subsample (~4 copies of S·T·d),
+    per-seed matrices, a few arrays per labelling in the pool, and the test set's and choose's buffers."""
+    S = seeds if vectorised else 1
+    T, d = config.T, config.d
+    return 8 * (4 * S * T * d + 8 * S * d * d + 4 * S * d * iterations + S * iterations) + (1 << 27)
+
+
 def theory(config: Config, policy, iterations: int) -> dict[str, np.ndarray] | None:
     """The closed form E‖ŵ_n − w*‖² of `test_error`, where the paper gives one."""
     if policy.name not in closed_forms.LINREG_POLICIES:

@@ -236,6 +236,8 @@ class Family:
         atomic_write_json(workdir / "model.json", dict(config=dataclasses.asdict(model.config), tokenizer="tokenizer.json"))
         self._ready()
         shutil.copyfile(self.tokenizer_path_, workdir / "tokenizer.json")
+        if distributed.is_writer():
+            (workdir / loops.CHECKPOINT).unlink(missing_ok=True)  # the saved model supersedes the fit's checkpoint
 
     def load_model(self, workdir: Path):
         from safetensors.torch import load_model

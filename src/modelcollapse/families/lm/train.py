@@ -3,7 +3,8 @@
 - `fit`: a fresh model (seeded init), `epochs` passes over the training set, documents shuffled and packed
   into block_size rows, AdamW with linear warm-up and cosine decay to `min_lr_frac`·lr, gradient clipping,
   bf16 autocast on CUDA (float32 on the CPU). Every `checkpoint_every` steps model, optimizer and RNG go to
-  `workdir/fit.ckpt.safetensors`, so a killed fit resumes where it stopped, with the same result.
+  `workdir/fit.ckpt.safetensors`, so a killed fit resumes where it stopped, with the same result; the
+  checkpoint is removed once the fitted model is saved (`Family.save_model`).
 - `test_ce`: mean nats per token over every real test token (the text and its EOS; BOS is given, never a
   target), the test documents packed as in training.
 - `sample_shards`: documents from BOS until EOS or `max_sample_len` tokens, until exactly `size` tokens,
@@ -107,11 +108,15 @@ def _load_checkpoint(path: Path, model: LM, opt: torch.optim.Optimizer, plan: di
         return 0
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["state"])
-    if meta["plan"] != plan:
-        return 0  # another fit's checkpoint (other data, seed or settings): start afresh
-    tensors = load_file(str(path), device="cpu")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["state"])
+        if meta["plan"] != plan:
+            return 0  # another fit's checkpoint (other data, seed or settings): start afresh
+        tensors = load_file(str(path), device="cpu")
+    except Exception as e:  # a damaged checkpoint (truncated, overwritten) costs only the steps it held
+        tqdm.write(f"warning: {path} cannot be read ({type(e).__name__}: {e}); fitting from the first step")
+        return 0
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict = {}
     for k, v in tensors.items():
@@ -187,9 +192,7 @@ def fit(cfg, train: TokenSet, vocab_size: int, bos: int, seed: int, workdir: Pat
                 if step % cfg.checkpoint_every == 0 and step < total:
                     _save_checkpoint(ckpt, model, opt, step, plan)
         bar.close()
-    if distributed.is_writer():
-        ckpt.unlink(missing_ok=True)  # the finished model is the loop's to save
-    model.eval()
+    model.eval()  # the checkpoint stays until the family's save_model has written the model
     return model
 
 
