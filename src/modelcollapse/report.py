@@ -1,7 +1,8 @@
 """Figures and tables from run directories alone (manifest.json + metrics.jsonl + per-generation samples).
 
 For every family and metric: mean over seeds per iteration with a 95% t-interval, one line per policy, one
-panel per run, and the closed form dashed where the family has one. A sweep directory gets faceted figures
+panel per run, and the exact expectation dashed wherever the family's `theory` gives one for that metric
+and policy. A sweep directory gets faceted figures
 instead: per metric, a panel per cell titled by its overrides, laid out rows x columns when the grid has two
 keys (so a sweep over T draws the paper's Fig. 7), and a table of the cells. Sample images and texts that
 generations saved are laid out policy by generation.
@@ -151,7 +152,7 @@ def theory_for(run: Run, policy: str, metric: str, iterations: int):
 FEW_SEEDS = 3
 
 
-def draw_panel(ax, run: Run, metric: str, with_theory: bool, legend: bool = True) -> None:
+def draw_panel(ax, run: Run, metric: str, legend: bool = True) -> None:
     """Mean over seeds per iteration with its 95% interval (each seed's line instead, faint, for up to
     FEW_SEEDS seeds), a line per policy, theory dashed."""
     table = run.table(metric)
@@ -170,7 +171,7 @@ def draw_panel(ax, run: Run, metric: str, with_theory: bool, legend: bool = True
                 ax.plot(its, [table[policy][n][k] if k < len(table[policy][n]) else np.nan for n in its], "-", color=color, lw=0.7, alpha=0.35)
         else:
             ax.fill_between(its, m - h, m + h, color=color, alpha=0.2)
-        theory = theory_for(run, policy, metric, max(its)) if with_theory else None
+        theory = theory_for(run, policy, metric, max(its))
         if theory is not None:
             ax.plot(range(1, len(theory) + 1), theory, "--", color=color, lw=1.2, label=f"{policy} theory")
     if lows and min(lows) > 0 and max(highs) / min(lows) > 30:
@@ -198,11 +199,11 @@ def save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_metric(runs: list[Run], metric: str, path: Path, with_theory: bool) -> None:
+def plot_metric(runs: list[Run], metric: str, path: Path) -> None:
     """One metric, a panel per run (a sweep over T draws the paper's Fig. 7)."""
     fig, axes = panels(len(runs), 3)
     for ax, run in zip(axes, runs):
-        draw_panel(ax, run, metric, with_theory)
+        draw_panel(ax, run, metric)
         ax.set_title(run.name, fontsize=10)
     save(fig, path)
 
@@ -211,13 +212,13 @@ def plot_run_metrics(run: Run, metrics: list[str], path: Path) -> None:
     """Every other metric of one run, a small panel each."""
     fig, axes = panels(len(metrics), 4, size=(3.6, 2.8))
     for i, (ax, metric) in enumerate(zip(axes, metrics)):
-        draw_panel(ax, run, metric, with_theory=False, legend=i == 0)
+        draw_panel(ax, run, metric, legend=i == 0)
         ax.set_title(metric, fontsize=9)
     fig.suptitle(run.name, fontsize=10)
     save(fig, path)
 
 
-def plot_facets(sweep: SweepDir, metric: str, path: Path, with_theory: bool) -> None:
+def plot_facets(sweep: SweepDir, metric: str, path: Path) -> None:
     """One metric of a sweep: a panel per cell titled by its overrides; rows x columns for two grid keys."""
     if len(sweep.keys) == 2:
         nrows, ncols = (len(sweep.values[k]) for k in sweep.keys)
@@ -231,7 +232,7 @@ def plot_facets(sweep: SweepDir, metric: str, path: Path, with_theory: bool) -> 
         if metric in run.metrics():
             ax = axes[sweep.slot(run)]
             ax.axis("on")
-            draw_panel(ax, run, metric, with_theory, legend=legend)
+            draw_panel(ax, run, metric, legend=legend)
             ax.set_title(sweep.title(run), fontsize=10)
             legend = False
     fig.suptitle(f"{sweep.name}: {metric}", fontsize=11)
@@ -271,7 +272,7 @@ def final_table(run: Run, metrics: list[str]) -> tuple[list[str], list[list[str]
     return ["metric (last iteration)", *policies], body
 
 
-def summary_table(run: Run, metric: str, with_theory: bool) -> tuple[list[str], list[list[str]]]:
+def summary_table(run: Run, metric: str) -> tuple[list[str], list[list[str]]]:
     table = run.table(metric)
     policies = [p for p in run.policies if p in table]
     its = sorted({n for p in policies for n in table[p]})
@@ -279,7 +280,7 @@ def summary_table(run: Run, metric: str, with_theory: bool) -> tuple[list[str], 
     theories = {}
     for p in policies:
         header.append(f"{p}")
-        t = theory_for(run, p, metric, max(its)) if with_theory else None
+        t = theory_for(run, p, metric, max(its))
         if t is not None:
             theories[p] = t
             header.append(f"{p} theory")
@@ -352,7 +353,7 @@ def sweep_section(sweep: SweepDir, index: int, runs: list[Run], out: Path, body:
     md += [f"## sweep {sweep.name}", ""]
     for metric in metrics:
         png = f"sweep{index}-{metric}.png"
-        plot_facets(sweep, metric, out / png, with_theory=metric == primary)
+        plot_facets(sweep, metric, out / png)
         header, rows = sweep_table(sweep, metric)
         body.append(f"<h3>{html.escape(metric)}</h3><img src='{png}' style='max-width:100%'>{html_table(header, rows)}")
         md += [f"### {metric}", "", f"![{metric}]({png})", "", markdown(header, rows), ""]
@@ -381,12 +382,12 @@ def write_report(dirs: list[Path], out: Path) -> Path:
         others = metrics[1:] if metrics and metrics[0] == primary else metrics
         if primary in metrics:
             png = f"{family}-{primary}.png"
-            plot_metric([r for r in fruns if primary in r.metrics()], primary, out / png, with_theory=True)
+            plot_metric([r for r in fruns if primary in r.metrics()], primary, out / png)
             body.append(f"<h3>{html.escape(primary)}</h3><img src='{png}' style='max-width:100%'>")
             md += [f"### {primary}", "", f"![{primary}]({png})", ""]
             for r in fruns:
                 if primary in r.metrics():
-                    header, rows = summary_table(r, primary, with_theory=True)
+                    header, rows = summary_table(r, primary)
                     caption = f"{r.name}: {primary}, mean ± 95% CI over {len(r.seeds)} seed(s) ({r.manifest.get('status')})"
                     body.append(f"<p>{html.escape(caption)}</p>{html_table(header, rows)}")
                     md += [f"**{caption}**", "", markdown(header, rows), ""]
