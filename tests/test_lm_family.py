@@ -250,7 +250,9 @@ def test_fit_learns_and_evaluate_reports_metrics_and_samples(trained):
     assert len(rows) == 20 and all(r["text"] for r in rows)
     assert (out / "samples.txt").read_text().count("\n") >= 20
     assert fam.evaluate(model, test, seed=2, workdir=out) == m  # deterministic per seed
-    assert not (root / "gen-1" / loops.CHECKPOINT).exists()  # the mid-training checkpoint is gone when done
+    assert (root / "gen-1" / loops.CHECKPOINT).exists()  # kept until the model is saved: a kill in between loses no step
+    fam.save_model(model, root / "gen-1")
+    assert not (root / "gen-1" / loops.CHECKPOINT).exists()  # the saved model supersedes it
 
 
 def test_test_ce_counts_every_test_token_once(trained):

@@ -167,8 +167,8 @@ def finished_rows(store: RunDir, cfg: ExperimentConfig, family) -> list[dict]:
                     gap = gap or gen_dir
                 elif gap is not None:
                     raise BadInput(f"{gap} is unfinished (no readable metrics.json) but {gen_dir.name} after it is "
-                                   f"finished: the chain was damaged; move {gap.parent}/gen-{gap.name[4:]} and the "
-                                   f"later generations out of the run directory and run again to recompute them")
+                                   f"finished: the chain was damaged; move {gap} and the later generations of its chain "
+                                   f"out of the run directory and run the same command again to recompute them")
                 else:
                     rows += done
     return rows

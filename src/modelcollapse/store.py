@@ -256,7 +256,7 @@ class RunDir:
                 why = "has changed since its generation finished (truncated, overwritten or damaged)"
             else:
                 continue
-            raise BadInput(f"{path} {why}; move {unit} (and the later generations of its chain) out of the run "
+            raise BadInput(f"{path} {why}; move {unit} and the later generations of its chain out of the run "
                            f"directory and run the same command again to recompute them")
 
     def finish(self, unit: Path, rows: list[dict]) -> None:

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from modelcollapse import distributed
 from modelcollapse.families.lm.model import LM, lm_config
-from modelcollapse.families.lm.shards import TokenSet, shard_exists, token_dtype, write_shard
+from modelcollapse.errors import BadInput
+from modelcollapse.families.lm.shards import TokenSet, open_part, shard_exists, token_dtype, write_shard
 from modelcollapse.seeding import derive_seed
 from modelcollapse.store import atomic_write_json
 
@@ -280,7 +281,7 @@ def sample_shards(model: LM, size: int, cfg, vocab_size: int, bos: int, eos: int
             for p in folder.glob("shard-*.npy"):  # another sampling's shards: not ours to keep
                 p.unlink()
         atomic_write_json(plan_path, plan)
-    todo = set(distributed.broadcast([k for k, stem in enumerate(stems) if not shard_exists(stem)]))  # rank 0 decides
+    todo = set(distributed.broadcast([k for k, stem in enumerate(stems) if not _shard_whole(stem, quotas[k])]))  # rank 0 decides
     W, r = distributed.world_size(), distributed.rank()
     dtype = token_dtype(vocab_size)
     bar = tqdm(total=size, initial=size - sum(quotas[k] for k in todo), unit="tok", unit_scale=True, desc="sample",
@@ -300,6 +301,16 @@ def sample_shards(model: LM, size: int, cfg, vocab_size: int, bos: int, eos: int
     return TokenSet.open(stems)
 
 
+def _shard_whole(stem: Path, quota: int) -> bool:
+    """A shard a stopped sampling left behind, whole (it opens and holds its quota): kept, not redone."""
+    if not shard_exists(stem):
+        return False
+    try:
+        return open_part(stem).n_tokens == quota
+    except BadInput:
+        return False  # damaged since it was written: sampled again from its own seed
+
+
 def _sample_shard(model: LM, quota: int, cfg, bos: int, eos: int, seed: int, device: str, bar, dtype) -> list[np.ndarray]:
     """The documents of one shard: exactly `quota` tokens, drawn from `seed` alone (whichever rank draws it)."""
     g = _generator(seed, device)
@@ -317,8 +328,6 @@ def _sample_shard(model: LM, quota: int, cfg, bos: int, eos: int, seed: int, dev
 
 def load_shards(folder: Path) -> TokenSet:
     """The shards `sample_shards` wrote under `folder`."""
-    from modelcollapse.errors import BadInput
-
     plan_path = folder / "sample.json"
     if not plan_path.exists():
         raise BadInput(f"no sampled data in {folder} (sample.json is missing)")
