@@ -124,3 +124,91 @@ def test_synthetic_labels_are_iid_gaussian_noise_around_the_model(size):
     assert stats.kstest(eps.ravel(), "norm").pvalue > 1e-3
     ols = family.fit(data, None, None).w_hat_  # and the fit from the cached sums is OLS on these labels
     assert size < 3 or np.abs(ols[:5] - np.stack([np.linalg.lstsq(x[i], y[i], rcond=None)[0] for i in range(5)])).max() < 1e-9
+
+
+def test_resume_after_a_failure_ends_with_the_uninterrupted_metrics(tmp_path, monkeypatch):
+    from modelcollapse.families import linreg
+
+    whole = run_experiment(make(), tmp_path / "whole", progress=False)
+    calls, real_fit = [0], linreg.Family.fit
+
+    def flaky_fit(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 30:
+            raise RuntimeError("the machine went away")
+        return real_fit(self, *a, **k)
+
+    monkeypatch.setattr(linreg.Family, "fit", flaky_fit)
+    with pytest.raises(RuntimeError):
+        run_experiment(make(), tmp_path / "cut", progress=False)
+    assert read_json(tmp_path / "cut" / "manifest.json")["status"] == "failed"
+    monkeypatch.setattr(linreg.Family, "fit", real_fit)
+    run_experiment(make(), tmp_path / "cut", progress=False)
+    assert lines(tmp_path / "cut") == lines(whole)
+    manifest = read_json(tmp_path / "cut" / "manifest.json")
+    assert manifest["status"] == "done" and len(manifest["resumed"]) == 1
+
+
+def test_resume_after_kill_9_ends_with_the_uninterrupted_metrics(tmp_path):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text('name = "k"\nfamily = "linreg"\npolicies = ["replace", "accumulate"]\niterations = 5\n'
+                   'seeds = 60\n[linreg]\nd = 3\nT = 12\nmethod = "loop"\n')
+    assert cli("run", cfg, "--out", tmp_path / "whole").returncode == 0
+    env = dict(__import__("os").environ, PYTHONPATH=str(SRC))
+    proc = subprocess.Popen([sys.executable, "-m", "modelcollapse", "run", str(cfg), "--out", str(tmp_path / "cut")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list((tmp_path / "cut").glob("*/seed-*/gen-*/metrics.json"))) < 40 and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list((tmp_path / "cut").glob("*/seed-*/gen-*/metrics.json")))
+    assert 0 < done < 600, "the run should have been killed part-way"
+    assert read_json(tmp_path / "cut" / "manifest.json")["status"] == "running"
+    again = cli("run", cfg, "--out", tmp_path / "cut")
+    assert again.returncode == 0, again.stderr
+    assert lines(tmp_path / "cut") == lines(tmp_path / "whole")
+
+
+def test_finished_run_is_left_as_it_is(tmp_path):
+    out = run_experiment(make(), tmp_path / "run", progress=False)
+    before = (out / "metrics.jsonl").read_bytes()
+    mtime = (out / "replace" / "seed-0" / "gen-1" / "w_hat.npy").stat().st_mtime_ns
+    run_experiment(make(), out, progress=False)
+    assert (out / "metrics.jsonl").read_bytes() == before
+    assert (out / "replace" / "seed-0" / "gen-1" / "w_hat.npy").stat().st_mtime_ns == mtime
+
+
+def test_a_different_config_is_refused_and_nothing_is_touched(tmp_path):
+    out = run_experiment(make(), tmp_path / "run", progress=False)
+    before = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(BadInput, match="different config"):
+        run_experiment(make(sigma2=2.0), out, progress=False)
+    assert (out / "metrics.jsonl").read_bytes() == before
+    assert read_json(out / "manifest.json")["status"] == "done"
+
+
+def test_a_second_process_in_the_same_dir_is_refused(tmp_path):
+    cfg_file = tmp_path / "cfg.toml"
+    cfg_file.write_text('name = "t"\nfamily = "linreg"\npolicies = ["replace"]\niterations = 2\nseeds = 1\n')
+    first = configlib.load(cfg_file)
+    with RunDir(tmp_path / "run", first.resolved(), first.hash()):
+        r = cli("run", cfg_file, "--out", tmp_path / "run")
+    assert r.returncode == 2 and "in use by another" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fresh_without_enough_real_data_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from modelcollapse.families import DataUnavailable, linreg
+
+    real = linreg.Family.real_data
+
+    def finite(self, split, seed, draw=0):
+        if draw > 2:
+            raise DataUnavailable("linreg: only three real draws in this test")
+        return real(self, split, seed, draw)
+
+    monkeypatch.setattr(linreg.Family, "real_data", finite)
+    run_experiment(make(policies=[{"name": "fresh", "real_fraction": 0.5}], iterations=3), tmp_path / "ok", progress=False)
+    with pytest.raises(BadInput, match="only three real draws"):
+        run_experiment(make(policies=[{"name": "fresh", "real_fraction": 0.5}], iterations=5), tmp_path / "no", progress=False)
+    assert not (tmp_path / "no").exists()

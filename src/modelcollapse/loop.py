@@ -20,8 +20,6 @@ so the others read what rank 0 wrote only once it is there.
 
 from __future__ import annotations
 
-import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,7 @@ from tqdm.auto import tqdm
 from modelcollapse import distributed
 from modelcollapse.config import ExperimentConfig, resolve_device
 from modelcollapse.errors import BadInput, RunFailed
+from modelcollapse.families import common
 from modelcollapse.policies import Policy
 from modelcollapse.seeding import stream_keys, stream_seed
 from modelcollapse.store import RunDir, RunView, atomic_write_json, batch_lines
@@ -41,10 +40,6 @@ SHARED = "*"  # the policy key of generation 1's streams, which every policy sha
 
 class ChainStopped(RunFailed):
     """A chain's metrics came out non-finite: its later generations would train on a broken model's data."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MODELCOLLAPSE_CACHE", Path.home() / ".cache" / "modelcollapse"))
 
 
 def reset_peak_rss() -> None:
@@ -68,7 +63,7 @@ def peak_rss_mb() -> float | None:
 
 
 def make_family(cfg: ExperimentConfig, device: str):
-    return cfg.family_module.build(cfg.family_config, device, cache_dir())
+    return cfg.family_module.build(cfg.family_config, device, common.cache_dir())
 
 
 def seed_arg(family, seeds: list[int]):

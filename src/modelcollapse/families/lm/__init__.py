@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from modelcollapse import distributed
 from modelcollapse.errors import BadInput
-from modelcollapse.families import DataUnavailable
+from modelcollapse.families import DataUnavailable, common
 from modelcollapse.families.lm import data as text
 from modelcollapse.families.lm import train as loops
 from modelcollapse.families.lm.shards import TokenSet, shard_exists, token_dtype, write_shard
@@ -126,7 +126,7 @@ class Family:
     def __init__(self, config: Config, *, device: str = "cpu", cache_dir: Path | None = None):
         self.config = config
         self.device = device
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "modelcollapse"
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else common.cache_dir()
         self._stories: list[str] | None = None  # the deduplicated real training stories, every draw's
         self._sets: dict[str, TokenSet] = {}
 
@@ -226,13 +226,8 @@ class Family:
 
     def save_model(self, model, workdir: Path) -> None:
         """model.safetensors, model.json (the shape, to rebuild it) and the tokenizer beside them."""
-        from safetensors.torch import save_model
-
         workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        tmp = workdir / ".model.safetensors.tmp"
-        save_model(model, str(tmp))  # handles the tied embedding / output weights
-        tmp.replace(workdir / "model.safetensors")
+        common.save_module(model, workdir / "model.safetensors")
         atomic_write_json(workdir / "model.json", dict(config=dataclasses.asdict(model.config), tokenizer="tokenizer.json"))
         self._ready()
         shutil.copyfile(self.tokenizer_path_, workdir / "tokenizer.json")
@@ -240,8 +235,6 @@ class Family:
             (workdir / loops.CHECKPOINT).unlink(missing_ok=True)  # the saved model supersedes the fit's checkpoint
 
     def load_model(self, workdir: Path):
-        from safetensors.torch import load_model
-
         from modelcollapse.families.lm.model import LM, LMConfig
 
         workdir = Path(workdir)
@@ -249,9 +242,7 @@ class Family:
             shape = LMConfig(**json.loads((workdir / "model.json").read_text())["config"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise BadInput(f"cannot read the model config {workdir / 'model.json'}: {e}") from None
-        model = LM(shape)
-        load_model(model, str(workdir / "model.safetensors"))
-        return model.to(self.device).eval()
+        return common.load_module(LM(shape), workdir / "model.safetensors").to(self.device).eval()
 
 
 def export(gen_dir: Path, out_dir: Path) -> Path:

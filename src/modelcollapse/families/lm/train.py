@@ -19,9 +19,7 @@ and sums; `sample_shards` gives shard k to rank k mod W. Rank 0 alone writes (ch
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from modelcollapse import distributed
+from modelcollapse.families.common import autocast, warmup_cosine
 from modelcollapse.families.lm.model import LM, lm_config
 from modelcollapse.errors import BadInput
 from modelcollapse.families.lm.shards import TokenSet, open_part, shard_exists, token_dtype, write_shard
@@ -40,26 +39,14 @@ BETAS = (0.9, 0.95)  # nanoGPT's and Llama-2's AdamW betas
 CHECKPOINT = "fit.ckpt.safetensors"
 
 
-def autocast(device: str):
-    """bf16 autocast on CUDA; plain float32 on the CPU (bf16 matmuls are ~20x slower there)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
-
-
 def _seeded_rng(device: str):
     """The global torch RNG, forked so our seeding never leaks out (dropout and init draw from it)."""
     return torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else [])
 
 
 def lr_at(step: int, total: int, cfg) -> float:
-    """The learning rate of step `step` of `total`."""
-    warmup = round(cfg.warmup_frac * total)
-    # 1) linear warm-up from lr/warmup to lr
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    # 2) cosine decay from lr to min_lr over the remaining steps
-    progress = (step - warmup) / max(1, total - warmup)
-    min_lr = cfg.min_lr_frac * cfg.lr
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - min_lr)
+    """The learning rate of step `step` of `total`: warm-up over `warmup_frac` of the steps, cosine to `min_lr_frac`."""
+    return warmup_cosine(step, total, cfg.lr, round(cfg.warmup_frac * total), cfg.min_lr_frac * cfg.lr)
 
 
 def build(cfg, vocab_size: int, seed: int, device: str) -> LM:

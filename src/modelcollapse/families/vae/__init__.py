@@ -20,20 +20,18 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from modelcollapse.errors import BadInput
+from modelcollapse.families import common
 from modelcollapse.seeding import rng
-from modelcollapse.store import atomic_save_npy, atomic_write_bytes, atomic_write_json
+from modelcollapse.store import atomic_save_npy, atomic_write_json
 
 from . import data, metrics
 from .data import Images
@@ -89,10 +87,10 @@ class Config(BaseModel):
 
 
 class Family:
-    def __init__(self, config: Config, *, device: str = "cpu", cache_dir: Path = Path(".cache")):
+    def __init__(self, config: Config, *, device: str = "cpu", cache_dir: Path | None = None):
         self.config = config
         self.device = device
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else common.cache_dir()
         self._real: dict[tuple[str, int], Images] = {}
         self.source = data.source(config)  # image shape and label names
 
@@ -118,9 +116,6 @@ class Family:
         sigma = None if c.decoder == "bernoulli" or c.sigma == "learned" else c.sigma
         return VAEConfig(src.channels, src.size, tuple(c.channels), c.latent_dim, c.decoder, sigma)
 
-    def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") else nullcontext()
-
     def fit(self, train: Images, seed: int, workdir: Path) -> VAE:
         """A fresh VAE, `epochs` passes of Adam over `train`. Its mean loss over the last epoch is `train_nelbo_`."""
         c = self.config
@@ -137,7 +132,7 @@ class Family:
             for i in range(0, n, c.batch_size):
                 xb = x[perm[i : i + c.batch_size]].float() / 255.0  # (B, C, H, W)
                 noise = torch.randn(len(xb), c.latent_dim, generator=noise_g, device=self.device)
-                with self._autocast():
+                with common.autocast(self.device):
                     _, rec, kl = model(xb, noise)
                 loss = (rec + kl).mean()
                 opt.zero_grad(set_to_none=True)
@@ -156,7 +151,7 @@ class Family:
         for i in range(0, len(images), batch_size):
             xb = torch.from_numpy(images.x[i : i + batch_size]).to(self.device).float() / 255.0
             noise = torch.randn(len(xb), model.config.latent_dim, generator=noise_g, device=self.device)
-            with self._autocast():
+            with common.autocast(self.device):
                 _, rec, kl = model(xb, noise)
             recs.append(rec.cpu())
             kls.append(kl.cpu())
@@ -167,7 +162,7 @@ class Family:
         g = torch.Generator(self.device).manual_seed(seed)
         out = []
         for i in range(0, n, batch_size):
-            with self._autocast():
+            with common.autocast(self.device):
                 x = model.generate(min(batch_size, n - i), g)
             out.append((x * 255.0).round().clamp(0, 255).to(torch.uint8).cpu())
         return torch.cat(out).numpy()
@@ -222,8 +217,7 @@ class Family:
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def save_model(self, model: VAE, workdir: Path) -> None:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        atomic_write_bytes(Path(workdir) / "model.safetensors", save_safetensors(state))
+        common.save_module(model, Path(workdir) / "model.safetensors")
         info = {"config": model.config.to_dict(), "train_nelbo_": getattr(model, "train_nelbo_", None)}
         atomic_write_json(Path(workdir) / "model.json", info)
 
@@ -232,7 +226,7 @@ class Family:
         info = json.loads((workdir / "model.json").read_text())
         cfg = info["config"]
         model = VAE(VAEConfig(**{**cfg, "channels": tuple(cfg["channels"])}))
-        model.load_state_dict(load_safetensors((workdir / "model.safetensors").read_bytes()))
+        common.load_module(model, workdir / "model.safetensors")
         if info["train_nelbo_"] is not None:
             model.train_nelbo_ = info["train_nelbo_"]
         return model.to(self.device).eval()
