@@ -1,3 +1,3 @@
 """modelcollapse: model-fitting feedback loops, and whether the models collapse."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -18,6 +18,7 @@ from modelcollapse import policies
 from modelcollapse.errors import BadInput
 from modelcollapse.families import FamilyModule, load_family
 from modelcollapse.policies import Policy
+from modelcollapse.selection import SelectSpec
 
 RESOURCE_KEYS = ("cpus", "gpus")  # scheduling only: outside the config hash
 
@@ -32,6 +33,8 @@ class ExperimentConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpus: int = Field(1, ge=1, description="CPUs a sweep reserves for this run on Ray (its threads there)")
     gpus: float = Field(0.0, ge=0.0, description="GPUs a sweep reserves for this run on Ray; a fraction shares one")
+    select: SelectSpec | None = Field(None, description="the selection stage every synthetic set goes through (selection.py)")
+    real_weight: float | None = Field(None, gt=0.0, lt=1.0, description="the share of the training loss on real examples")
     _family_config: Any = PrivateAttr(None)
     _family_module: Any = PrivateAttr(None)
 
@@ -76,9 +79,19 @@ class ExperimentConfig(BaseModel):
             raise ValueError("must be distinct non-negative ints, at least one")
         return v
 
+    def selection(self, policy: Policy) -> SelectSpec | None:
+        """The selection stage of `policy`'s synthetic sets: its own, else the config's; None when none."""
+        spec = policy.select or self.select
+        return spec if spec is not None and spec.active else None
+
+    def weight(self, policy: Policy) -> float | None:
+        """The share of `policy`'s training loss carried by real examples (None: every example alike)."""
+        return policy.real_weight if policy.real_weight is not None else self.real_weight
+
     def resolved(self) -> dict:
-        """The whole config as plain data, family table included: what the manifest stores and hashes."""
-        out = self.model_dump(mode="json")
+        """The whole config as plain data, family table included: what the manifest stores and hashes. Keys
+        added since runs were first recorded are left out while unset, so old runs keep their hash."""
+        out = self.model_dump(mode="json", exclude={k for k in ("select", "real_weight") if getattr(self, k) is None})
         out["policies"] = [p.model_dump(mode="json", exclude_none=True) for p in self.policies]
         out[self.family_module.table] = self.family_config.model_dump(mode="json")
         return out
@@ -170,7 +183,25 @@ def from_dict(raw: dict) -> ExperimentConfig:
     except ValidationError as e:
         raise BadInput(_one_line(e, prefix=f"{spec.table}.")) from None
     cfg._family_module = spec
+    _check_capabilities(cfg)
     return cfg
+
+
+def _check_capabilities(cfg: ExperimentConfig) -> None:
+    """A selection needs scores the family provides (and `score`/`take`); a real weight a family that weights."""
+    spec, family = cfg.family_module, cfg.family_module.Family
+    for i, policy in enumerate(cfg.policies):
+        where = f"policies.{i}.select" if policy.select is not None else "select"
+        chosen = cfg.selection(policy)
+        if chosen is not None:
+            if not (callable(getattr(family, "score", None)) and callable(getattr(family, "take", None))):
+                raise BadInput(f"config error: {where}: the {spec.table} family cannot select synthetic data (it has no score/take)")
+            if chosen.score not in spec.scores:
+                have = ", ".join(spec.scores) or "none"
+                raise BadInput(f"config error: {where}.score: the {spec.table} family provides no score {chosen.score!r}; it has {have}")
+        if cfg.weight(policy) is not None and not getattr(family, "weights_real", False):
+            where = f"policies.{i}.real_weight" if policy.real_weight is not None else "real_weight"
+            raise BadInput(f"config error: {where}: the {spec.table} family cannot weight real against synthetic examples")
 
 
 def _policy(i: int, entry) -> Policy:

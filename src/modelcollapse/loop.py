@@ -33,6 +33,7 @@ from modelcollapse.errors import BadInput, RunFailed
 from modelcollapse.families import common
 from modelcollapse.policies import Policy
 from modelcollapse.seeding import stream_keys, stream_seed
+from modelcollapse.selection import reopen, synthesize
 from modelcollapse.store import RunDir, RunView, atomic_write_json, batch_lines
 
 SHARED = "*"  # the policy key of generation 1's streams, which every policy shares
@@ -185,13 +186,13 @@ def run_chain(family, store: RunDir, cfg: ExperimentConfig, policy: Policy, seed
         return
     real = family.real_data("train", seed_arg(family, seeds))
     test = family.real_data("test", seed_arg(family, seeds))
-    pool = [real]
+    pool, first = [real], None  # first: generation 1's model, the reference a selection's scores may use
     for n in range(1, N + 1):
         gen_dir = store.gen_dir(label, seed, n)
         if store.record(gen_dir) is not None:  # resume: reopen what this generation sampled
             if n < N:
                 store.verify(gen_dir)
-                pool.append(family.load_sample(gen_dir))
+                pool.append(reopen(family, gen_dir))
             bar.update(1)
             continue
         if store.writer:
@@ -209,16 +210,21 @@ def run_chain(family, store: RunDir, cfg: ExperimentConfig, policy: Policy, seed
             if model is None:
                 train = policy.training_set(n, pool, family, seed_for("policy"),
                                             fresh_real=lambda: family.real_data("train", seed_arg(family, seeds), draw=n - 1))
-                model = family.fit(train, seed_for("fit"), gen_dir)
+                model = fit(family, train, seed_for("fit"), gen_dir, cfg.weight(policy))
             if store.writer:
                 family.save_model(model, gen_dir)
                 store.record_fit(gen_dir)
         metrics = family.evaluate(model, test, seed_for("evaluate"), gen_dir)
-        metrics = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in metrics.items()}
-        check_finite(metrics, f"{label} seed {seed} gen {n}")
         if n < N:
             size = policy.synthetic_size(n + 1, family.size(real))
-            pool.append(family.sample(model, size, real, seed_for("sample", n + 1), gen_dir))
+            spec = cfg.selection(policy)
+            if spec is not None and first is None:
+                first = model if n == 1 else family.load_model(store.gen_dir(label, seed, 1))
+            data, chosen = synthesize(family, model, size, real, seed_for("sample", n + 1), seed_for("select", n + 1), gen_dir, spec, first)
+            metrics |= chosen
+            pool.append(data)
+        metrics = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in metrics.items()}  # a batched family's arrays of one
+        check_finite(metrics, f"{label} seed {seed} gen {n}")
         rows = [dict(policy=label, seed=seed, iteration=n, metric=k, value=v) for k, v in metrics.items()]
         if store.writer:  # peak memory is rank 0's
             resources = {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": peak_rss_mb(), "processes": distributed.world_size()}
@@ -245,32 +251,44 @@ def shared_first_model(family, store: RunDir, cfg: ExperimentConfig, policy: Pol
     return None
 
 
-def batch_chain(family, policy: Policy, seeds: list[int], iterations: int):
+def fit(family, train, seed, workdir, real_weight: float | None):
+    """family.fit, with the real examples' share of the loss when the config sets one."""
+    if real_weight is None:
+        return family.fit(train, seed, workdir)
+    return family.fit(train, seed, workdir, real_weight=real_weight)
+
+
+def batch_chain(family, policy: Policy, seeds: list[int], iterations: int, select=None, real_weight: float | None = None):
     """The loop for every seed of one policy at once, a vectorised family's calls each taking all of them.
     Yields (n, metrics, model) as each generation ends, metrics an array (S,) each."""
     base = seed_arg(family, seeds)
     real, test = family.real_data("train", base), family.real_data("test", base)
     real_size = family.size(real)
-    pool = [real]
+    pool, first = [real], None
     for n in range(1, iterations + 1):
         key = SHARED if n == 1 else policy.label
         train = policy.training_set(n, pool, family, stream_keys(seeds, key, n, "policy"),
                                     fresh_real=lambda: family.real_data("train", base, draw=n - 1))
-        model = family.fit(train, stream_keys(seeds, key, n, "fit"), None)
+        model = fit(family, train, stream_keys(seeds, key, n, "fit"), None, real_weight)
+        first = model if n == 1 else first
         metrics = family.evaluate(model, test, stream_keys(seeds, key, n, "evaluate"), None)
-        yield n, {k: np.asarray(v, dtype=float).reshape(len(seeds)) for k, v in metrics.items()}, model
+        metrics = {k: np.asarray(v, dtype=float).reshape(len(seeds)) for k, v in metrics.items()}
         if n < iterations:
             size = policy.synthetic_size(n + 1, real_size)
-            pool.append(family.sample(model, size, real, stream_keys(seeds, policy.label, n + 1, "sample"), None))
+            data, chosen = synthesize(family, model, size, real, stream_keys(seeds, policy.label, n + 1, "sample"),
+                                      stream_keys(seeds, policy.label, n + 1, "select"), None, select, first, len(seeds))
+            metrics |= chosen
+            pool.append(data)
+        yield n, metrics, model
 
 
-def simulate(family, policy: Policy, seeds: list[int], iterations: int) -> dict[str, np.ndarray]:
+def simulate(family, policy: Policy, seeds: list[int], iterations: int, select=None, real_weight: float | None = None) -> dict[str, np.ndarray]:
     """Every metric of every seed and iteration, (S, N) each, with no run directory: a vectorised family's
     chains in memory (the numbers a run directory of the same config records)."""
     out = {}
-    for n, metrics, _ in batch_chain(family, policy, seeds, iterations):
-        for k, v in metrics.items():
-            out.setdefault(k, np.empty((len(seeds), iterations)))[:, n - 1] = v
+    for n, metrics, _ in batch_chain(family, policy, seeds, iterations, select, real_weight):
+        for k, v in metrics.items():  # NaN where a metric has no value (a selection's, after the last model)
+            out.setdefault(k, np.full((len(seeds), iterations), np.nan))[:, n - 1] = v
     return out
 
 
@@ -283,10 +301,10 @@ def run_batch(family, store: RunDir, cfg: ExperimentConfig, policy: Policy, seed
         return
     t0 = time.perf_counter()
     arrays = {}
-    for n, metrics, model in batch_chain(family, policy, seeds, N):
+    for n, metrics, model in batch_chain(family, policy, seeds, N, cfg.selection(policy), cfg.weight(policy)):
         check_finite(metrics, f"{label} gen {n} ({len(seeds)} seeds)")
-        for k, v in metrics.items():
-            arrays.setdefault(k, np.empty((len(seeds), N)))[:, n - 1] = v
+        for k, v in metrics.items():  # NaN where a metric has no value (a selection's, after the last model)
+            arrays.setdefault(k, np.full((len(seeds), N), np.nan))[:, n - 1] = v
         store.append(batch_lines(label, seeds, n, {k: v.tolist() for k, v in metrics.items()}))
         bar.update(1)
     if store.writer:

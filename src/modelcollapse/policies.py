@@ -22,6 +22,8 @@ from typing import Any, Callable, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from modelcollapse.selection import SelectSpec
+
 Data = Any
 
 
@@ -38,13 +40,22 @@ class DataOps(Protocol):
 class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
+    select: SelectSpec | None = Field(None, description="this policy's selection stage (else the config's [select])")
+    real_weight: float | None = Field(None, gt=0.0, lt=1.0, description="this policy's share of the loss on real examples")
     fresh_real: ClassVar[bool] = False  # needs a new real training draw each generation
 
     @property
     def label(self) -> str:
-        """The name in metrics.jsonl, run-directory folders and reports: the name, then any parameters."""
-        params = [f"{v:g}" if isinstance(v, float) else str(v) for k, v in self if k != "name" and v is not None]
-        return "-".join([self.name, *params])
+        """The name in metrics.jsonl, run-directory folders and reports: the name, then any parameters, then
+        its own selection and real weight (`mix-0.5`, `replace+top-fraction-oracle-x4`, `fresh-0.5+w0.6`)."""
+        own = ("name", "select", "real_weight")
+        params = [f"{v:g}" if isinstance(v, float) else str(v) for k, v in self if k not in own and v is not None]
+        label = "-".join([self.name, *params])
+        if self.select is not None:
+            label += f"+{self.select.label}"
+        if self.real_weight is not None:
+            label += f"+w{self.real_weight:g}"
+        return label
 
     def synthetic_size(self, n: int, real_size: int) -> int:
         """How many examples the newest model samples for generation n (n >= 2): by default as many as the

@@ -240,7 +240,8 @@ class RunDir:
             return None
         seeds, policy = record["seeds"], record["policy"]
         return [dict(policy=policy, seed=s, iteration=n + 1, metric=m, value=float(arrays[m][i, n]))
-                for n in range(record["iterations"]) for i, s in enumerate(seeds) for m in record["metrics"]]
+                for n in range(record["iterations"]) for i, s in enumerate(seeds) for m in record["metrics"]
+                if not np.isnan(arrays[m][i, n])]  # NaN: no value that generation (a selection's, after the last)
 
     def verify(self, unit: Path, only: list[str] | None = None, record_name: str = RECORD) -> None:
         """Check the files a finished unit recorded against their checksums: BadInput naming the first that

@@ -24,7 +24,7 @@ def draws(family, seeds: list[int], policy: str, N: int):
     design, w_star = family.truth(seeds)
     _, _, y1 = family.real_data("train", np.array(seeds)).materialise()
     zero = np.zeros_like(w_star)
-    E = [Labels.of(design, [Block(design, 1.0, zero, stream_keys(seeds, policy, n, "sample"), design.X.shape[1])]).materialise()[2]
+    E = [Labels(design, [Block(design, 1.0, zero, stream_keys(seeds, policy, n, "sample"), design.X.shape[1])]).materialise()[2]
          for n in range(2, N + 1)]
     return design.X, w_star, y1, np.stack(E, 1)
 

@@ -12,7 +12,15 @@ importable module (`my_package.my_module`) or a path to a `.py` file — and rea
   `export(gen_dir, out_dir)` (a generation's model in its field's format), `check_data_parallel(config,
   world)` (the family trains data-parallel; raises BadInput when it cannot be split over `world` processes),
   `memory_estimate(config, seeds, iterations, vectorised)` (bytes a run will hold at its peak, so one that
-  cannot fit in memory is refused before it starts).
+  cannot fit in memory is refused before it starts), `SCORES` ({name: what it measures}, the scores
+  `Family.score` gives a selection stage).
+
+Optional on `Family`, for the selection stage and weighting (selection.py): `score(data, name, model,
+reference, seed)` (a score per example, higher is better; `model` drew the data, `reference` is generation
+1's model), `take(data, indices)` (the examples at those indices, in order), `keeps_inputs = True` (synthetic
+examples relabel the real inputs, so the k candidates of example j are k outputs for input j — `sample` is
+then asked for candidates of the first `size` inputs of `like`), `weights_real = True` (its `fit` takes
+`real_weight`, the share of the loss carried by real examples).
 
 The loop, report and command line ask the `FamilyModule` that `load_family` returns; none of them looks
 inside a family for other names.
@@ -105,6 +113,11 @@ class FamilyModule:
     export: Callable[[Path, Path], Path] | None = None
     check_data_parallel: Callable[[BaseModel, int], None] | None = None
     memory_estimate: Callable[[BaseModel, int, int, bool], int] | None = None
+    scores: dict = None  # name -> what it measures: the scores `Family.score` gives a selection stage
+
+    def __post_init__(self):
+        if self.scores is None:
+            object.__setattr__(self, "scores", {})
 
     def build(self, config: BaseModel, device: str, cache_dir: Path):
         return self.Family(config, device=device, cache_dir=cache_dir)
@@ -166,6 +179,9 @@ def load_family(name: str) -> FamilyModule:
     for k, f in optional.items():
         if f is not None and not callable(f):
             raise BadInput(f"config error: family: {name!r}: {k} must be a function")
-    spec = FamilyModule(name, table, module, config_cls, family_cls, getattr(module, "PRIMARY_METRIC", None), **optional)
+    scores = getattr(module, "SCORES", {})
+    if not isinstance(scores, dict):
+        raise BadInput(f"config error: family: {name!r}: SCORES must map score names to what they measure")
+    spec = FamilyModule(name, table, module, config_cls, family_cls, getattr(module, "PRIMARY_METRIC", None), **optional, scores=scores)
     _LOADED[name] = spec
     return spec

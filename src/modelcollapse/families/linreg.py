@@ -31,6 +31,11 @@ from modelcollapse.seeding import choose, normal, normal_at, stream_keys, subkey
 from modelcollapse.store import atomic_save_npy, atomic_write_bytes
 
 PRIMARY_METRIC = "test_error"
+SCORES = {
+    "oracle": "−|y − xᵀw*|: how close a synthetic label is to the truth",
+    "verifier": "−|y − xᵀw_v|, a verifier's line w_v = w* + verifier_bias + N(0, verifier_noise²/d·I), drawn once per seed",
+    "self": "−|y − xᵀŵ| under the model that drew the label: keeps its least noisy labels",
+}
 TEST_CHUNK = 1 << 22  # test-set entries drawn at once: bounds memory for thousands of seeds
 
 
@@ -41,6 +46,8 @@ class Config(BaseModel):
     sigma2: float = Field(1.0, gt=0.0, description="label noise variance σ²")
     n_test: int = Field(1000, ge=1, le=10_000_000, description="fresh test points for test_mse_excess")
     method: Literal["fast", "loop"] = Field("fast", description="every seed of a policy at once, or one seed at a time with a folder per generation")
+    verifier_noise: float = Field(0.0, ge=0.0, description="the `verifier` score's line: w* + verifier_bias + N(0, s²/d·I), s this")
+    verifier_bias: float = Field(0.0, description="added to each coordinate of the verifier's line")
 
     @model_validator(mode="after")
     def _enough_rows(self):
@@ -84,15 +91,15 @@ class Design:
 
 @dataclass(eq=False)
 class Block:
-    """One generated labelling: `size` rows cycling through the design (row r appears k_r times), labelled
-    x·w + σε, its noise drawn from the streams `keys` as follows.
+    """One generated labelling: `size` examples cycling through a list of inputs — the design's rows, or
+    `inputs` (S, p), each seed's own — labelled x·w + σε, its noise drawn from the streams `keys` as follows.
 
-    Each row's noise summed over its copies is √k_r·z_r with z ~ N(0, I). Where every row has the same count
-    k and the rows span R^d, z is drawn as z = X'a + η, a = G'⁻¹(Lu − X'ᵀη), from u ~ N(0, I_d) and
-    η ~ N(0, I_T') (X' the T' distinct rows, G' = X'ᵀX' = LLᵀ): z's component in the span of X' is X'G'⁻¹Lu
+    Each input's noise summed over its copies is √k_r·z_r with z ~ N(0, I). Where every input has the same
+    count k and the inputs span R^d, z is drawn as z = X'a + η, a = G'⁻¹(Lu − X'ᵀη), from u ~ N(0, I_d) and
+    η ~ N(0, I_T') (X' the T' distinct inputs, G' = X'ᵀX' = LLᵀ): z's component in the span of X' is X'G'⁻¹Lu
     and the rest is η's, so z ~ N(0, I) exactly — and X'ᵀz = Lu, all the fit needs, costs d draws, not T'.
-    η (and a) are drawn only when single labels are needed (a subsample, `materialise`). Otherwise z is drawn
-    directly. A row's copies add deviations η'_c − η̄' from a third stream, so each copy's noise is
+    η (and a) are drawn only when single labels are needed (a subsample, a score, `materialise`). Otherwise z
+    is drawn directly. An input's copies add deviations η'_c − η̄' from a third stream, so each copy's noise is
     z_r/√k + η'_c − η̄': i.i.d. N(0, 1) again (the mean of Gaussians is independent of the deviations from it)."""
 
     design: Design
@@ -100,25 +107,53 @@ class Block:
     w: np.ndarray  # (S, d) the weights that labelled it
     keys: np.ndarray  # (S,) uint64
     size: int
-    H: np.ndarray = None  # (S, d) Σ x·y over its rows
+    real: bool = False
+    inputs: np.ndarray | None = None  # (S, p) design rows to cycle through; None: all T rows in order
+    H: np.ndarray = None  # (S, d) Σ x·y over its examples
+    G: np.ndarray = None  # (S, d, d) Σ x·xᵀ over its examples (kept only for blocks with their own inputs)
     _a: np.ndarray | None = None  # (S, d), drawn when first needed
 
     def __post_init__(self):
         S, T, d = self.design.X.shape
-        q, rem = divmod(self.size, T)
-        self.rows = min(self.size, T)  # T', the distinct rows
+        self.period = T if self.inputs is None else self.inputs.shape[1]
+        q, rem = divmod(self.size, self.period)
+        self.n_inputs = min(self.size, self.period)  # T', the distinct inputs
         self.uniform = rem == 0 or q == 0
-        self.k = max(q, 1) if self.uniform else None  # copies of every row
-        self.projected = self.uniform and self.rows >= d
-        gram = self.design.gram([self.size])
+        self.k = max(q, 1) if self.uniform else None  # copies of every input
+        k = copies(self.size, self.period)[: self.n_inputs]
+        X = self.x_inputs()
+        if self.inputs is None:
+            gram = self.design.gram([self.size])
+        else:
+            self.G = gram = (X * k[:, None]).swapaxes(1, 2) @ X
+        self.projected = self.uniform and self.n_inputs >= d
         if self.projected:
             u = normal(subkeys(self.keys, "u"), d)  # (S, d)
-            noise = np.sqrt(self.k) * (self.design.chol(self.rows) @ u[..., None])[..., 0]
+            noise = np.sqrt(self.k) * (self.chol() @ u[..., None])[..., 0]
         else:
-            k = copies(self.size, T)[: self.rows]
-            z = normal(self.keys, self.rows) * np.sqrt(k)  # (S, T')
-            noise = (self.design.X[:, : self.rows].swapaxes(1, 2) @ z[..., None])[..., 0]
+            z = normal(self.keys, self.n_inputs) * np.sqrt(k)  # (S, T')
+            noise = (X.swapaxes(1, 2) @ z[..., None])[..., 0]
         self.H = (gram @ self.w[..., None])[..., 0] + self.sigma * noise
+
+    def x_inputs(self) -> np.ndarray:
+        """X', the distinct inputs: (S, T', d)."""
+        if self.inputs is None:
+            return self.design.X[:, : self.n_inputs]
+        return self.design.X[np.arange(len(self.w))[:, None], self.inputs[:, : self.n_inputs]]
+
+    def gram_inputs(self) -> np.ndarray:
+        if self.inputs is None:
+            return self.design.prefix(self.n_inputs)
+        X = self.x_inputs()
+        return X.swapaxes(1, 2) @ X
+
+    def chol(self) -> np.ndarray:
+        return self.design.chol(self.n_inputs) if self.inputs is None else np.linalg.cholesky(self.gram_inputs())
+
+    def rows_at(self, i: np.ndarray) -> np.ndarray:
+        """The design rows of its examples i (S, k)."""
+        j = i % self.period
+        return j if self.inputs is None else np.take_along_axis(self.inputs, j, 1)
 
     @property
     def a(self) -> np.ndarray:
@@ -128,16 +163,16 @@ class Block:
             if not self.projected:
                 self._a = np.zeros((S, d))
             else:
-                X = self.design.X[:, : self.rows]
+                X = self.x_inputs()
                 u = normal(subkeys(self.keys, "u"), d)
-                eta = normal(subkeys(self.keys, "eta"), self.rows)
-                rhs = self.design.chol(self.rows) @ u[..., None] - X.swapaxes(1, 2) @ eta[..., None]
-                self._a = np.linalg.solve(self.design.prefix(self.rows), rhs)[..., 0]
+                eta = normal(subkeys(self.keys, "eta"), self.n_inputs)
+                rhs = self.chol() @ u[..., None] - X.swapaxes(1, 2) @ eta[..., None]
+                self._a = np.linalg.solve(self.gram_inputs(), rhs)[..., 0]
         return self._a
 
     @property
     def point_keys(self) -> np.ndarray:
-        """The stream of the per-row part of z: η's where z = X'a + η, else z's own."""
+        """The stream of the per-input part of z: η's where z = X'a + η, else z's own."""
         return subkeys(self.keys, "eta") if self.projected else self.keys
 
     @property
@@ -147,85 +182,165 @@ class Block:
             self._v = self.w + self.sigma * self.a / np.sqrt(self.k or 1)
         return self._v
 
+    def all_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every example's design row and label, (S, size) each, in one pass (labels_at's numbers)."""
+        S = len(self.w)
+        i = np.arange(self.size)
+        rows = self.rows_at(np.broadcast_to(i, (S, self.size)))
+        X = self.x_inputs()  # (S, T', d)
+        k = copies(self.size, self.period)[: self.n_inputs]
+        base = np.einsum("srd,sd->sr", X, self.v) + self.sigma * normal(self.point_keys, self.n_inputs) / np.sqrt(k)  # (S, T')
+        y = base[:, i % self.period]
+        if k.max() > 1:  # every copy's deviation from its input's mean, all drawn at once
+            reps = int(k.max())
+            eta = normal(subkeys(self.keys, "copies"), reps * self.period).reshape(S, reps, self.period)[..., : self.n_inputs]
+            present = np.arange(reps)[:, None] < k[None, :]  # (reps, T')
+            mean = (eta * present).sum(1) / k  # (S, T')
+            dev = (eta - mean[:, None]).reshape(S, -1)  # copy c of input r at c·period + r (period = T' here)
+            y = y + self.sigma * np.where(k[i % self.period] > 1, dev[:, : self.size] if self.period == self.n_inputs else 0.0, 0.0)
+        return rows, y
+
+    def labels_at(self, i: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Labels of its examples i (S, k), whose inputs are x (S, k, d)."""
+        r = i % self.period
+        k = np.maximum(self.size // self.period + (r < self.size % self.period), 1)
+        y = np.einsum("skd,sd->sk", x, self.v) + self.sigma * normal_at(self.point_keys[:, None], r) / np.sqrt(k)
+        if k.max() > 1:
+            y = y + self.sigma * copy_deviation(self.keys[:, None], i, self.size, self.period)
+        return y
+
+
+@dataclass(eq=False)
+class Rows:
+    """Explicit examples (what a subsample or a selection keeps): design rows (S, m), labels, which are real,
+    and their sums Σx·xᵀ and Σx·y, split into real and synthetic examples."""
+
+    rows: np.ndarray  # (S, m)
+    y: np.ndarray  # (S, m)
+    real: np.ndarray  # (S, m) bool
+    stats: dict  # "real"/"syn" -> (G (S, d, d), h (S, d), count (S,))
+
+    @classmethod
+    def of(cls, rows: np.ndarray, x: np.ndarray, y: np.ndarray, real: np.ndarray) -> "Rows":
+        stats = {}
+        for side, mask in (("real", real), ("syn", ~real)):
+            if mask.any():
+                xm = x * mask[..., None]
+                stats[side] = (xm.swapaxes(1, 2) @ x, (xm.swapaxes(1, 2) @ y[..., None])[..., 0], mask.sum(1))
+        return cls(rows, y, real, stats)
+
 
 @dataclass
 class Labels:
     """A training set of every seed: generated blocks (a pool of labellings, shared, never copied), then
-    explicit rows — what a subsample keeps: design rows `rows` (S, m), their inputs `x` and labels `y`."""
+    explicit parts."""
 
     design: Design
     blocks: list[Block]
-    rows: np.ndarray  # (S, m) int64
-    y: np.ndarray  # (S, m)
-    x: np.ndarray | None = None  # (S, m, d), or None when there are no explicit rows
+    parts: list[Rows] = field(default_factory=list)
 
     @property
     def n(self) -> int:
-        return sum(b.size for b in self.blocks) + self.rows.shape[1]
+        return sum(b.size for b in self.blocks) + sum(p.rows.shape[1] for p in self.parts)
 
-    @classmethod
-    def of(cls, design: Design, blocks: list[Block]) -> "Labels":
-        S, d = design.X.shape[0], design.X.shape[2]
-        return cls(design, blocks, np.empty((S, 0), np.int64), np.empty((S, 0)), np.empty((S, 0, d)))
-
-    def labels_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Design rows (S, k), their inputs (S, k, d) and labels (S, k) of the examples at `positions` (S, k)."""
+    def labels_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Design rows (S, k), inputs (S, k, d), labels (S, k) and realness (S, k) of the examples at
+        `positions` (S, k) of this set."""
         S, T, d = self.design.X.shape
         s = np.arange(S)[:, None]
+        if getattr(self, "_all", None) is not None:
+            rows, y, real = (np.take_along_axis(a, positions, 1) for a in self._all)
+            return rows, self.design.X[s, rows], y, real
         sizes = np.array([b.size for b in self.blocks], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
-        gen = positions < offsets[-1]
-        if len(sizes) and (sizes == sizes[0]).all():  # a pool of equal labellings: the block is a division
+        gen_total = int(sizes.sum())
+        gen = positions < gen_total
+        rows = np.zeros(positions.shape, dtype=np.int64)
+        y = np.zeros(positions.shape)
+        real = np.zeros(positions.shape, dtype=bool)
+        if self.parts:  # explicit examples come after the generated ones
+            extra = np.where(gen, 0, positions - gen_total)
+            for name, arr in (("rows", rows), ("y", y), ("real", real)):
+                arr[...] = np.take_along_axis(np.concatenate([getattr(p, name) for p in self.parts], axis=1), extra, 1)
+        if not self.blocks:
+            return rows, self.design.X[s, rows], y, real
+        if (sizes == sizes[0]).all():  # a pool of equal labellings: the block is a division
             b = np.minimum(positions // sizes[0], len(sizes) - 1)
         else:
-            b = np.clip(np.searchsorted(offsets, positions, side="right") - 1, 0, max(len(sizes) - 1, 0))
-        i = positions - offsets[b]
-        rows = i % T
-        if self.rows.shape[1]:  # some positions fall among the explicit rows
-            extra = np.where(gen, 0, positions - offsets[-1])
-            rows = np.where(gen, rows, np.take_along_axis(self.rows, extra, 1))
+            b = np.clip(np.searchsorted(np.cumsum(sizes), positions, side="right"), 0, len(sizes) - 1)
+        i = positions - np.concatenate([[0], np.cumsum(sizes)])[b]
+        own = [j for j, bl in enumerate(self.blocks) if bl.inputs is not None]
+        block_rows = i % T
+        for j in own:  # blocks with their own inputs map positions to design rows themselves
+            mask = b == j
+            block_rows = np.where(mask, self.blocks[j].rows_at(np.where(mask, i, 0)), block_rows)
+        rows = np.where(gen, block_rows, rows)
         x = self.design.X[s, rows]  # (S, k, d)
-        if not self.blocks:
-            return rows, x, np.take_along_axis(self.y, positions, 1)
-        # label = x·(w + σa/√k) + σ(η_r/√k + deviation of the copy), block by block (see Block)
-        sigma = self.blocks[0].sigma
-        k = np.maximum(sizes[b] // T + (rows < sizes[b] % T), 1)  # (S, k) copies of each pick's row
         if len(self.blocks) == 1:
-            v_pick, point = self.blocks[0].v[:, None], self.blocks[0].point_keys[:, None]
-        else:
-            v_pick = np.stack([bl.v for bl in self.blocks], axis=1)[s, b]  # (S, k, d)
+            block_y = self.blocks[0].labels_at(i, x)
+        else:  # vectorised over the pool: every block's labels by one formula (see Block)
+            period = np.array([bl.period for bl in self.blocks])[b]
+            r = i % period
+            k = np.maximum(sizes[b] // period + (r < sizes[b] % period), 1)
+            v = np.stack([bl.v for bl in self.blocks], axis=1)[s, b]  # (S, k, d)
             point = np.stack([bl.point_keys for bl in self.blocks], axis=1)[s, b]
-        y = np.einsum("skd,skd->sk", x, np.broadcast_to(v_pick, x.shape)) + sigma * normal_at(point, rows) / np.sqrt(k)
-        if k.max() > 1:
-            y = y + sigma * copy_deviation(np.stack([bl.keys for bl in self.blocks])[b, s], i, sizes[b], T)
-        if self.rows.shape[1]:
-            y = np.where(gen, y, np.take_along_axis(self.y, extra, 1))
-        return rows, x, y
+            block_y = np.einsum("skd,skd->sk", x, v) + self.blocks[0].sigma * normal_at(point, r) / np.sqrt(k)
+            if k.max() > 1:
+                keys = np.stack([bl.keys for bl in self.blocks], axis=1)[s, b]
+                block_y = block_y + self.blocks[0].sigma * copy_deviation(keys, i, sizes[b], period)
+        y = np.where(gen, block_y, y)
+        real = np.where(gen, np.array([bl.real for bl in self.blocks])[b], real)
+        return rows, x, y, real
 
     def materialise(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every example's design row (S, n), input (S, n, d) and label (S, n): what a plain OLS would stack."""
-        positions = np.broadcast_to(np.arange(self.n), (self.design.X.shape[0], self.n))
-        return self.labels_at(positions)
+        """Every example's design row (S, n), input (S, n, d) and label (S, n): what a plain OLS would stack.
+        Kept (but the inputs) for `labels_at`: a selection scores every candidate, then takes a few."""
+        S = self.design.X.shape[0]
+        if len(self.blocks) == 1 and not self.parts and self.blocks[0].period == self.blocks[0].n_inputs:
+            rows, y = self.blocks[0].all_labels()
+            real = np.full(rows.shape, self.blocks[0].real)
+        else:
+            rows, _, y, real = self.labels_at(np.broadcast_to(np.arange(self.n), (S, self.n)))
+        self._all = (rows, y, real)
+        return rows, self.design.X[np.arange(S)[:, None], rows], y
+
+    def sums(self) -> dict:
+        """Σx·xᵀ, Σx·y and the count of its real and of its synthetic examples: {"real"/"syn": (G, h, n)}."""
+        S, T, d = self.design.X.shape
+        out = {side: [np.zeros((S, d, d)), np.zeros((S, d)), np.zeros(S)] for side in ("real", "syn")}
+        for real, group in ((True, [b for b in self.blocks if b.real]), (False, [b for b in self.blocks if not b.real])):
+            side = out["real" if real else "syn"]
+            shared = [b.size for b in group if b.inputs is None]
+            if shared:
+                side[0] = side[0] + self.design.gram(shared)
+            for b in group:
+                if b.inputs is not None:
+                    side[0] = side[0] + b.G
+                side[1] = side[1] + b.H
+                side[2] = side[2] + b.size
+        for part in self.parts:
+            for name, (G, h, count) in part.stats.items():
+                side = out[name]
+                side[0], side[1], side[2] = side[0] + G, side[1] + h, side[2] + count
+        return out
 
 
-def copies(size: int, T: int) -> np.ndarray:
-    """How many times each design row appears in `size` rows cycling through T: (T,)."""
-    q, r = divmod(size, T)
-    return q + (np.arange(T) < r)
+def copies(size: int, period: int) -> np.ndarray:
+    """How many times each input appears in `size` examples cycling through `period` inputs: (period,)."""
+    q, r = divmod(size, period)
+    return q + (np.arange(period) < r)
 
 
-def copy_deviation(keys: np.ndarray, i: np.ndarray, size: np.ndarray, T: int) -> np.ndarray:
-    """η'_c − η̄' of example i (copy c of row r) of generated sets of `size` rows keyed `keys`, all
-    broadcast together: zero for rows that appear once. (For sets whose rows appear unequally often, the
-    row's own count enters: z_r/√k_r there is drawn directly, see Block.)"""
-    c, r = np.divmod(i, T)
-    q, rem = np.divmod(size, T)
+def copy_deviation(keys: np.ndarray, i: np.ndarray, size, period) -> np.ndarray:
+    """η'_c − η̄' of example i (copy c of input r) of generated sets of `size` examples cycling through
+    `period` inputs, keyed `keys`, all broadcast together: zero for inputs that appear once."""
+    c, r = np.divmod(i, period)
+    q, rem = np.divmod(size, period)
     k = np.maximum(q + (r < rem), 1)
     dev_keys = subkeys(keys, "copies")
     total = np.zeros(np.shape(i))
     for j in range(int(np.max(k))):
-        total += np.where(j < k, normal_at(dev_keys, j * T + r), 0.0)
-    return np.where(k > 1, normal_at(dev_keys, c * T + r) - total / k, 0.0)
+        total += np.where(j < k, normal_at(dev_keys, j * period + r), 0.0)
+    return np.where(k > 1, normal_at(dev_keys, c * period + r) - total / k, 0.0)
 
 
 @dataclass
@@ -246,6 +361,8 @@ class Fitted:
 
 class Family:
     batched = True
+    keeps_inputs = True  # synthetic data relabel the real design: k candidates of an example are k labels of one x
+    weights_real = True
 
     def __init__(self, config: Config, *, device: str = "cpu", cache_dir: Path | None = None):
         self.config = config
@@ -291,26 +408,35 @@ class Family:
                 self._tests = {seeds.tobytes(): self.test_set(seeds, w_star)}
             return self._tests[seeds.tobytes()]
         # the fixed design: further real draws (the `fresh` policy) relabel the same X with fresh noise
-        return Labels.of(design, [Block(design, self.sigma, w_star, stream_keys(seeds, "linreg", "real", draw), self.config.T)])
+        keys = stream_keys(seeds, "linreg", "real", draw)
+        return Labels(design, [Block(design, self.sigma, w_star, keys, self.config.T, real=True)])
 
     def size(self, data: Labels) -> int:
         return data.n
 
     def concat(self, datasets: list[Labels]) -> Labels:
-        return Labels(datasets[0].design, [b for d in datasets for b in d.blocks],
-                      np.concatenate([d.rows for d in datasets], axis=1), np.concatenate([d.y for d in datasets], axis=1),
-                      np.concatenate([d.x for d in datasets], axis=1))
+        return Labels(datasets[0].design, [b for d in datasets for b in d.blocks], [p for d in datasets for p in d.parts])
+
+    def take(self, data: Labels, indices: np.ndarray) -> Labels:
+        """The examples at `indices` (S, m) of each seed's set, in that order."""
+        rows, x, y, real = data.labels_at(np.asarray(indices, dtype=np.int64))
+        return Labels(data.design, [], [Rows.of(rows, x, y, real)])
 
     def subsample(self, data: Labels, size: int, seed) -> Labels:
-        rows, x, y = data.labels_at(choose(seed, data.n, size))
-        return Labels(data.design, [], rows, y, x)
+        return self.take(data, choose(seed, data.n, size))
 
-    def fit(self, train: Labels, seed, workdir: Path | None) -> Fitted:
-        G = train.design.gram([b.size for b in train.blocks])
-        h = sum((b.H for b in train.blocks), np.zeros(G.shape[:2]))
-        if train.rows.shape[1]:
-            G = G + train.x.swapaxes(1, 2) @ train.x
-            h = h + (train.x.swapaxes(1, 2) @ train.y[..., None])[..., 0]
+    def fit(self, train: Labels, seed, workdir: Path | None, real_weight: float | None = None) -> Fitted:
+        """OLS; with `real_weight` w, weighted least squares in which the real examples carry a share w of the
+        loss and the synthetic ones 1 − w, whatever their counts (unweighted where a set lacks either)."""
+        sums = train.sums()
+        (G_r, h_r, n_r), (G_s, h_s, n_s) = sums["real"], sums["syn"]
+        a = b = np.ones(len(n_r))
+        if real_weight is not None:
+            both = (n_r > 0) & (n_s > 0)
+            a = np.where(both, real_weight / np.maximum(n_r, 1), 1.0)
+            b = np.where(both, (1 - real_weight) / np.maximum(n_s, 1), 1.0)
+        G = a[:, None, None] * G_r + b[:, None, None] * G_s
+        h = a[:, None] * h_r + b[:, None] * h_s
         return Fitted(np.linalg.solve(G, h[..., None])[..., 0])
 
     def evaluate(self, model: Fitted, test: TestSet, seed, workdir: Path | None) -> dict[str, np.ndarray]:
@@ -319,16 +445,38 @@ class Family:
         return {"test_error": np.sum((w - test.w_star) ** 2, axis=-1), "test_mse_excess": mse - self.config.sigma2}
 
     def sample(self, model: Fitted, size: int, like: Labels, seed, workdir: Path | None) -> Labels:
-        """New labels for `size` rows of the real design (cycled when more than T are asked): Xŵ + noise."""
-        data = Labels.of(like.design, [Block(like.design, self.sigma, model.w_hat_, np.asarray(seed, np.uint64), size)])
+        """New labels Xŵ + noise for `size` inputs of `like`, cycled: its first ones, in its order."""
+        inputs = None
+        only = like.blocks[0] if len(like.blocks) == 1 and not like.parts else None
+        if only is None or only.inputs is not None or only.size != self.config.T:
+            n = min(size, like.n)
+            inputs = like.labels_at(np.broadcast_to(np.arange(n), (len(model.w_hat_), n)))[0]
+        keys = np.asarray(seed, np.uint64)
+        data = Labels(like.design, [Block(like.design, self.sigma, model.w_hat_, keys, size, inputs=inputs)])
         if workdir is not None:
-            _save_npz(Path(workdir) / "synthetic.npz", seeds=like.design.seeds, w=model.w_hat_, keys=np.asarray(seed, np.uint64), size=size)
+            extra = {} if inputs is None else {"inputs": inputs}
+            _save_npz(Path(workdir) / "synthetic.npz", seeds=like.design.seeds, w=model.w_hat_, keys=keys, size=size, **extra)
         return data
 
     def load_sample(self, workdir: Path) -> Labels:
         with np.load(Path(workdir) / "synthetic.npz") as f:
             design, _ = self.truth(f["seeds"])
-            return Labels.of(design, [Block(design, self.sigma, f["w"], f["keys"], int(f["size"]))])
+            inputs = f["inputs"] if "inputs" in f.files else None
+            return Labels(design, [Block(design, self.sigma, f["w"], f["keys"], int(f["size"]), inputs=inputs)])
+
+    def score(self, data: Labels, name: str, model: Fitted, reference: Fitted | None, seed) -> np.ndarray:
+        """A score per example (S, n), higher = better: minus the label's distance to a line (SCORES)."""
+        _, x, y = data.materialise()
+        w = {"oracle": lambda: self.truth(data.design.seeds)[1], "verifier": lambda: self.verifier(data.design.seeds),
+             "self": lambda: model.w_hat_}[name]()
+        return -np.abs(y - np.einsum("snd,sd->sn", x, w))
+
+    def verifier(self, seeds) -> np.ndarray:
+        """Each seed's verifier line w_v = w* + verifier_bias + N(0, verifier_noise²/d·I), drawn once: (S, d)."""
+        seeds = np.atleast_1d(np.asarray(seeds, dtype=np.int64))
+        w_star = self.truth(seeds)[1]
+        c = self.config
+        return w_star + c.verifier_bias + c.verifier_noise / np.sqrt(c.d) * normal(stream_keys(seeds, "linreg", "verifier"), c.d)
 
     def save_model(self, model: Fitted, workdir: Path) -> None:
         atomic_save_npy(Path(workdir) / "w_hat.npy", model.w_hat_)

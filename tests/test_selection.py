@@ -1,0 +1,152 @@
+"""The selection stage and the weight of real data (issue 13): selectors, their bad input, linreg's scores."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import cli
+from modelcollapse import config as configlib
+from modelcollapse.errors import BadInput, RunFailed
+from modelcollapse.families import linreg
+from modelcollapse.loop import run_experiment, simulate
+from modelcollapse.policies import from_spec
+from modelcollapse.seeding import stream_keys
+from modelcollapse.selection import SelectSpec, select
+from modelcollapse.store import read_json, read_metrics
+
+BASE = {"name": "sel", "family": "linreg", "iterations": 4, "seeds": 3, "linreg": {"d": 3, "T": 16}}
+
+
+def spec(**kw):
+    return SelectSpec(**kw)
+
+
+# -- the selectors ------------------------------------------------------------------------------------------
+
+
+def test_top_fraction_keeps_the_best_overall_or_each_inputs_best():
+    scores = np.array([[0.1, 5.0, 0.3, 4.0, 0.2, 0.0]])  # 3 examples × 2 candidates: candidate c of example j at c·3 + j
+    kept, m = select(scores, 3, spec(name="top-fraction", score="x", oversample=2), np.zeros(1, np.uint64), per_input=False)
+    assert kept.tolist() == [[1, 2, 3]]  # the three best of six
+    kept, m = select(scores, 3, spec(name="top-fraction", score="x", oversample=2), np.zeros(1, np.uint64), per_input=True)
+    assert kept.tolist() == [[3, 1, 2]]  # example 0: 4.0 (index 3) beats 0.1; example 1: 5.0 (1); example 2: 0.3 (2)
+    assert m["select_kept_frac"][0] == 0.5
+    assert m["select_score_kept"][0] == pytest.approx((4.0 + 5.0 + 0.3) / 3)
+    assert m["select_score_rejected"][0] == pytest.approx((0.1 + 0.2 + 0.0) / 3)
+
+
+def test_threshold_fails_with_the_numbers_unless_short_sets_are_allowed():
+    scores = np.array([[0.1, 5.0, 0.3, 4.0, 0.2, 0.0]])
+    with pytest.raises(RunFailed, match=r"min_score = 1 kept 2 of the 3 synthetic examples needed \(of 6 candidates; their scores range from 0 to 5\)"):
+        select(scores, 3, spec(name="threshold", score="x", oversample=2, min_score=1.0), np.zeros(1, np.uint64), per_input=False)
+    kept, m = select(scores, 3, spec(name="threshold", score="x", oversample=2, min_score=1.0, allow_short=True), np.zeros(1, np.uint64), per_input=False)
+    assert kept.tolist() == [[1, 3]] and m["select_kept_frac"][0] == pytest.approx(2 / 6)
+    kept, _ = select(scores, 3, spec(name="threshold", score="x", oversample=2, min_score=0.15), np.zeros(1, np.uint64), per_input=True)
+    assert sorted(kept[0].tolist()) == [1, 2, 3]  # each example's first candidate that passes
+
+
+def test_k_choice_picks_each_candidate_with_its_softmax_probability():
+    """Ferbach et al.'s curation: among k candidates, candidate c with probability exp(s_c/τ) / Σ exp(s/τ)."""
+    S, k, tau = 20000, 3, 0.5
+    scores = np.tile(np.array([0.0, 0.5, 1.0]), (S, 1))  # one example, three candidates
+    kept, _ = select(scores, 1, spec(name="k-choice", score="x", k=k, temperature=tau), stream_keys(np.arange(S), "k"), per_input=True)
+    freq = np.bincount(kept[:, 0], minlength=k) / S
+    p = np.exp(np.array([0.0, 0.5, 1.0]) / tau)
+    p /= p.sum()
+    assert np.all(np.abs(freq - p) < 4 * np.sqrt(p * (1 - p) / S)), (freq, p)
+
+
+@pytest.mark.parametrize("table,message", [
+    ({"name": "best"}, "select.name"),
+    ({"name": "top-fraction"}, "needs a score"),
+    ({"name": "top-fraction", "score": "beauty"}, "provides no score 'beauty'; it has oracle, verifier, self"),
+    ({"name": "top-fraction", "score": "oracle", "oversample": 0}, "select.oversample"),
+    ({"name": "k-choice", "score": "oracle", "k": 1}, "select.k"),
+    ({"name": "threshold", "score": "oracle"}, "needs min_score"),
+    ({"name": "top-fraction", "score": "oracle", "k": 3}, "k does not apply to the 'top-fraction' selector"),
+    ({"name": "k-choice", "score": "oracle", "allow_short": True}, "allow_short applies only"),
+], ids=["unknown selector", "no score", "unknown score", "oversample 0", "k 1", "threshold without min", "stray key", "allow_short"])
+def test_bad_selection_is_one_line_exit_2_before_anything_runs(tmp_path, table, message):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('family = "linreg"\npolicies = ["replace"]\niterations = 2\nseeds = 1\n[select]\n' +
+                   "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items()))
+    r = cli("run", cfg, "--out", tmp_path / "run")
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_family_without_scores_or_weights_refuses_selection_and_real_weight(tmp_path):
+    example = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "poisson.py"
+    raw = {"family": str(example), "policies": ["replace"], "iterations": 2, "seeds": 1}
+    with pytest.raises(BadInput, match="the poisson family cannot select synthetic data"):
+        configlib.from_dict(raw | {"select": {"name": "top-fraction", "score": "x"}})
+    with pytest.raises(BadInput, match="real_weight: the poisson family cannot weight"):
+        configlib.from_dict(raw | {"real_weight": 0.5})
+
+
+# -- linreg's scores and weights ------------------------------------------------------------------------------
+
+
+def chains(policy, seeds=400, iterations=8, select=None, **config):
+    family = linreg.Family(linreg.Config(d=5, T=20, n_test=10, **config))
+    return simulate(family, from_spec(policy), list(range(seeds)), iterations, select=select)
+
+
+def test_an_oracle_selector_keeps_replace_bounded_and_a_biased_verifier_pulls_towards_its_bias():
+    plain = chains("replace")["test_error"].mean(0)
+    oracle = chains("replace", select=spec(name="top-fraction", score="oracle"))["test_error"].mean(0)
+    assert plain[-1] > 4 * plain[0] and oracle[-1] < oracle[0]  # replace grows; with an oracle filter it does not
+    bias = 0.3
+    biased = chains("replace", select=spec(name="top-fraction", score="verifier"), verifier_bias=bias)
+    assert biased["test_error"].mean(0)[-1] == pytest.approx(5 * bias**2, rel=0.25)  # ŵ settles near w* + bias·1
+    noisy = chains("replace", select=spec(name="top-fraction", score="verifier"), verifier_noise=2.0)["test_error"].mean(0)
+    assert noisy[-1] > 2 * oracle[-1]
+
+
+def test_selection_is_recorded_and_one_seed_at_a_time_equals_every_seed_at_once(tmp_path):
+    raw = BASE | {"policies": ["replace", {"name": "mix", "real_fraction": 0.25, "select": {"name": "k-choice", "score": "self", "k": 3}}],
+                  "select": {"name": "top-fraction", "score": "verifier", "oversample": 3}}
+    fast = run_experiment(configlib.from_dict(raw), tmp_path / "fast", progress=False)
+    loop = run_experiment(configlib.from_dict(raw | {"linreg": BASE["linreg"] | {"method": "loop"}}), tmp_path / "loop", progress=False)
+    assert read_json(fast / "manifest.json")["policy_labels"] == ["replace", "mix-0.25+k-choice-self-k3-t1"]
+    a = {(r["policy"], r["seed"], r["iteration"], r["metric"]): r["value"] for r in read_metrics(fast)}
+    b = {(r["policy"], r["seed"], r["iteration"], r["metric"]): r["value"] for r in read_metrics(loop)}
+    assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < 1e-9
+    assert a["replace", 0, 1, "select_kept_frac"] == pytest.approx(1 / 3) and ("replace", 0, 4, "select_kept_frac") not in a
+    assert a["replace", 0, 2, "select_score_kept"] > a["replace", 0, 2, "select_score_rejected"]
+    assert (loop / "replace" / "seed-0" / "gen-1" / "selected.npy").exists()
+    # resumed half-way, one seed at a time, the selection reopens the same sets
+    for gen in loop.glob("*/seed-*/gen-[34]"):
+        for f in gen.iterdir():
+            f.unlink()
+        gen.rmdir()
+    run_experiment(configlib.from_dict(raw | {"linreg": BASE["linreg"] | {"method": "loop"}}), loop, progress=False)
+    assert {(r["policy"], r["seed"], r["iteration"], r["metric"]): r["value"] for r in read_metrics(loop)} == b
+
+
+def test_real_weight_is_weighted_least_squares_on_the_stacked_labels():
+    family = linreg.Family(linreg.Config(d=3, T=16))
+    seeds = np.array([1, 2])
+    real = family.real_data("train", seeds)
+    w = np.random.default_rng(1).standard_normal((2, 3))
+    synthetic = family.sample(linreg.Fitted(w), 16, real, stream_keys(seeds, "t", 2, "sample"), None)
+    train = family.concat([family.subsample(real, 4, stream_keys(seeds, "t", 2, "policy")), synthetic])  # 4 real + 16 synthetic
+    weighted = family.fit(train, None, None, real_weight=0.7).w_hat_
+    _, x, y, is_real = train.labels_at(np.broadcast_to(np.arange(20), (2, 20)))
+    assert is_real.sum(1).tolist() == [4, 4]
+    sw = np.sqrt(np.where(is_real, 0.7 / 4, 0.3 / 16))
+    for i in range(2):
+        assert np.allclose(weighted[i], np.linalg.lstsq(x[i] * sw[i, :, None], y[i] * sw[i], rcond=None)[0], atol=1e-10)
+    plain = family.fit(train, None, None).w_hat_
+    assert not np.allclose(plain, weighted)
+
+
+def test_real_weight_per_policy_is_labelled_and_changes_the_chain(tmp_path):
+    raw = BASE | {"policies": [{"name": "fresh", "real_fraction": 0.25}, {"name": "fresh", "real_fraction": 0.25, "real_weight": 0.8}]}
+    out = run_experiment(configlib.from_dict(raw), tmp_path / "run", progress=False)
+    rows = read_metrics(out)
+    assert {r["policy"] for r in rows} == {"fresh-0.25", "fresh-0.25+w0.8"}
+    last = {p: np.mean([r["value"] for r in rows if r["policy"] == p and r["iteration"] == 4 and r["metric"] == "test_error"])
+            for p in ("fresh-0.25", "fresh-0.25+w0.8")}
+    assert last["fresh-0.25"] != last["fresh-0.25+w0.8"]
