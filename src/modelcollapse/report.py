@@ -27,7 +27,28 @@ from scipy import stats  # noqa: E402
 from modelcollapse.errors import BadInput  # noqa: E402
 from modelcollapse.families import load_family, table_name  # noqa: E402
 from modelcollapse.policies import from_spec  # noqa: E402
-from modelcollapse.store import read_json, read_metrics  # noqa: E402
+from modelcollapse.store import read_json  # noqa: E402
+
+
+def read_columns(run_dir: Path) -> dict[str, np.ndarray]:
+    """metrics.jsonl as columns (policy, seed, iteration, metric, value): a million rows in tens of MB, where
+    as many dicts would take gigabytes."""
+    import pyarrow as pa
+    import pyarrow.json as pajson
+
+    path = Path(run_dir) / "metrics.jsonl"
+    names = ("policy", "seed", "iteration", "metric", "value")
+    if not path.exists() or path.stat().st_size == 0:
+        return {"policy": np.array([], dtype=object), "seed": np.array([], dtype=np.int64), "iteration": np.array([], dtype=np.int64),
+                "metric": np.array([], dtype=object), "value": np.array([])}
+    try:
+        table = pajson.read_json(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    missing = [n for n in names if n not in table.column_names]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}")
+    return {n: table.column(n).to_numpy(zero_copy_only=False) for n in names}
 
 
 class Run:
@@ -35,9 +56,11 @@ class Run:
         self.path = path
         try:
             self.manifest = read_json(path / "manifest.json")
-            self.rows = read_metrics(path)
+            self.columns = read_columns(path)
         except ValueError as e:
             raise BadInput(f"report: {path} has a corrupt manifest or metrics file ({e})") from None
+        self.n_rows = len(self.columns["value"])
+        self._tables: dict = {}
         cfg = self.manifest["config"]
         self.name, self.family, self.config = cfg["name"], cfg["family"], cfg
         self.family_name = table_name(self.family)  # a path or module names the family by its last part
@@ -46,16 +69,25 @@ class Run:
         self.sweep: SweepDir | None = None  # set when the run is a cell of a sweep directory
         self.axes: dict = {}  # its place on each grid axis, when it is a sweep cell
 
-    def table(self, metric: str) -> dict[str, dict[int, list[float]]]:
-        """policy -> iteration -> values over seeds."""
-        out: dict = defaultdict(lambda: defaultdict(list))
-        for r in self.rows:
-            if r["metric"] == metric:
-                out[r["policy"]][r["iteration"]].append(r["value"])
-        return out
+    def table(self, metric: str) -> dict[str, dict[int, np.ndarray]]:
+        """policy -> iteration -> values over seeds (in seed order)."""
+        if metric not in self._tables:
+            c = self.columns
+            mask = c["metric"] == metric
+            policy, iteration, seed, value = c["policy"][mask], c["iteration"][mask], c["seed"][mask], c["value"][mask]
+            out: dict = {}
+            for p in dict.fromkeys(policy):
+                m = policy == p
+                its, seeds, vals = iteration[m], seed[m], value[m]
+                order = np.lexsort((seeds, its))
+                its, vals = its[order], vals[order]
+                cuts = np.flatnonzero(np.diff(its)) + 1
+                out[p] = {int(g[0]): v for g, v in zip(np.split(its, cuts), np.split(vals, cuts))}
+            self._tables[metric] = out
+        return self._tables[metric]
 
     def metrics(self) -> list[str]:
-        return list(dict.fromkeys(r["metric"] for r in self.rows))
+        return list(dict.fromkeys(self.columns["metric"].tolist()))
 
 
 class SweepDir:
@@ -289,7 +321,7 @@ def summary_table(run: Run, metric: str) -> tuple[list[str], list[list[str]]]:
         row = [str(n)]
         for p in policies:
             vals = table[p].get(n)
-            if vals:
+            if vals is not None and len(vals):
                 m, h = mean_ci(vals)
                 row.append(f"{m:.4g} ± {h:.2g}" if h else f"{m:.4g}")
             else:
@@ -362,7 +394,7 @@ def sweep_section(sweep: SweepDir, index: int, runs: list[Run], out: Path, body:
 
 def write_report(dirs: list[Path], out: Path) -> Path:
     runs = find_runs(dirs)
-    if not any(r.rows for r in runs):
+    if not any(r.n_rows for r in runs):
         raise BadInput("report: the run directories hold no metrics yet")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
