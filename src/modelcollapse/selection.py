@@ -45,6 +45,8 @@ class SelectSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.name == "none":
+            return self  # the other keys are ignored, so a sweep can cross "none" with a selector's settings
         given = {k for k in ("score", "oversample", "min_score", "k", "temperature") if getattr(self, k) is not None}
         allowed = {"none": set(), "top-fraction": {"score", "oversample"}, "threshold": {"score", "oversample", "min_score"},
                    "k-choice": {"score", "k", "temperature"}}[self.name]
