@@ -54,6 +54,20 @@ def test_the_readme_example_passes_check_family():
     assert {r["policy"] for r in rows} >= {"replace", "accumulate", "replace-grown", "accumulate-subsample", "mix-0.5", "fresh-0.5"}
 
 
+def test_linreg_passes_check_family():
+    rows = check_family("linreg", {"d": 3, "T": 12, "n_test": 20})  # one seed at a time = every seed at once, too
+    assert len(rows) == len(policies.POLICIES) * 2 * 3 * 2
+
+
+@pytest.mark.parametrize("family,table", [
+    ("vae", dict(dataset="digits", channels=[8, 16], latent_dim=4, epochs=2, classifier_steps=50, eval_samples=100)),
+], ids=["vae"])
+def test_the_neural_families_pass_check_family(family, table, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rows = check_family(family, table, seeds=1, iterations=2, policies=["replace", "accumulate"])
+    assert {r["policy"] for r in rows} == {"replace", "accumulate"}
+
+
 def test_a_family_from_an_importable_module(tmp_path, monkeypatch):
     package = tmp_path / "mylab"
     package.mkdir()
