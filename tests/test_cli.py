@@ -1,6 +1,7 @@
 """The command line as a user types it: bad input is one line and exit 2; theory, report, reproduce, bench."""
 
 import json
+import os
 
 import pytest
 
@@ -21,6 +22,19 @@ BAD = {
     "seeds zero": (GOOD.replace("seeds = 4", "seeds = 0"), "seeds"),
     "missing iterations": (GOOD.replace("iterations = 3\n", ""), "iterations: missing"),
     "malformed toml": ('name = "x\nfamily = linreg', "not valid TOML"),
+    # issue 12: bounds, non-finite numbers, names that lead out of runs/, nesting that overflows a parser
+    "10**12 seeds": (GOOD.replace("seeds = 4", "seeds = 1000000000000"), "seeds: must be between 1 and 1,000,000"),
+    "10**9 iterations": (GOOD.replace("iterations = 3", "iterations = 1000000000"), "iterations: Input should be less than or equal to 100000"),
+    "sigma2 inf": (GOOD + "sigma2 = inf\n", "linreg.sigma2: must be a finite number (got inf)"),
+    "gpus inf": (GOOD.replace("seeds = 4\n", "seeds = 4\ngpus = inf\n"), "gpus: must be a finite number (got inf)"),
+    "nan in a list": (GOOD.replace("seeds = 4", "seeds = [1, nan]"), "seeds.1: must be a finite number (got nan)"),
+    "name with ../": (GOOD.replace('name = "g"', 'name = "../escaped"'), "name: must be a plain name"),
+    "absolute name": (GOOD.replace('name = "g"', 'name = "/tmp/escaped"'), "name: must be a plain name"),
+    "name with a backslash": (GOOD.replace('name = "g"', 'name = "a\\\\b"'), "name: must be a plain name"),
+    "name ..": (GOOD.replace('name = "g"', 'name = ".."'), "name: must be a plain name"),
+    "name with NUL": (GOOD.replace('name = "g"', 'name = "a\\u0000b"'), "name: must be a plain name"),
+    "table nested 5000 deep": (GOOD + "[" + ".".join(["t"] * 5000) + "]\n", "nested more than 64 deep"),
+    "array nested 5000 deep": (GOOD.replace("seeds = 4", "seeds = " + "[" * 5000 + "]" * 5000), "nests tables or lists too deeply"),
 }
 
 
@@ -45,6 +59,31 @@ def test_bad_override_is_one_line_exit_2(tmp_path, override, needle):
     cfg.write_text(GOOD)
     r = cli("run", cfg, "--out", tmp_path / "out", "--set", override)
     assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_name_never_leads_out_of_runs(tmp_path):
+    """Without --out a run goes to runs/<name>: a name that would leave runs/ is bad input, and nothing is written."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("../escaped", "/tmp/escaped-issue12", "sub/dir", ".."):
+        (tmp_path / "c.toml").write_text(GOOD.replace('name = "g"', f'name = "{name}"'))
+        r = cli("run", tmp_path / "c.toml", cwd=work)
+        assert r.returncode == 2 and "name: must be a plain name" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert list(work.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["c.toml", "work"]
+    assert not os.path.exists("/tmp/escaped-issue12")
+
+
+def test_a_config_that_is_not_a_regular_file_is_refused_at_once(tmp_path):
+    """A FIFO would block the read for ever, /dev/zero would fill memory; a directory is no config."""
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    (tmp_path / "dir.toml").mkdir()
+    for path in (fifo, "/dev/zero", tmp_path / "dir.toml"):
+        r = cli("run", path, "--out", tmp_path / "out", timeout=60)
+        assert r.returncode == 2 and r.stderr == f"error: config path is not a regular file: {path}\n", r.stderr
+        r = cli("sweep", path, "--out", tmp_path / "out", timeout=60)
+        assert r.returncode == 2 and r.stderr == f"error: config path is not a regular file: {path}\n", r.stderr
     assert not (tmp_path / "out").exists()
 
 

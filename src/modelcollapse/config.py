@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -21,18 +22,21 @@ from modelcollapse.policies import Policy
 from modelcollapse.selection import SelectSpec
 
 RESOURCE_KEYS = ("cpus", "gpus")  # scheduling only: outside the config hash
+# Bounds no machine could run past: a list of 10**12 seeds would not fit in memory, let alone finish.
+MAX_SEEDS, MAX_ITERATIONS, MAX_CPUS, MAX_GPUS = 10**6, 10**5, 10**4, 10**3
+MAX_DEPTH = 64  # tables and lists nested deeper than any config needs (Python's own parsers recurse on them)
 
 
 class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field("experiment", min_length=1, description="a name for the run, shown in reports")
+    name: str = Field("experiment", min_length=1, description="a name for the run, shown in reports; runs/<name> by default")
     family: str = Field(description="the model family: a built-in name, an importable module or a .py file")
     policies: list[SerializeAsAny[Policy]] = Field(min_length=1, description="each runs as its own chain")
-    iterations: int = Field(ge=1, description="model-fitting iterations; 1 = fit on real data only")
-    seeds: list[int] = Field(description="an int n means seeds 0..n-1; a list names them")
+    iterations: int = Field(ge=1, le=MAX_ITERATIONS, description="model-fitting iterations; 1 = fit on real data only")
+    seeds: list[int] = Field(max_length=MAX_SEEDS, description="an int n means seeds 0..n-1; a list names them")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    cpus: int = Field(1, ge=1, description="CPUs a sweep reserves for this run on Ray (its threads there)")
-    gpus: float = Field(0.0, ge=0.0, description="GPUs a sweep reserves for this run on Ray; a fraction shares one")
+    cpus: int = Field(1, ge=1, le=MAX_CPUS, description="CPUs a sweep reserves for this run on Ray (its threads there)")
+    gpus: float = Field(0.0, ge=0.0, le=MAX_GPUS, description="GPUs a sweep reserves for this run on Ray; a fraction shares one")
     select: SelectSpec | None = Field(None, description="the selection stage every synthetic set goes through (selection.py)")
     real_weight: float | None = Field(None, gt=0.0, lt=1.0, description="the share of the training loss on real examples")
     _family_config: Any = PrivateAttr(None)
@@ -46,6 +50,14 @@ class ExperimentConfig(BaseModel):
     @property
     def family_module(self) -> FamilyModule:
         return self._family_module
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v):
+        # the default run directory is runs/<name>: a name must not lead out of it or into a subfolder
+        if "/" in v or "\\" in v or v in (".", "..") or any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise ValueError("must be a plain name: no '/', '\\' or control characters, and not '.' or '..'")
+        return v
 
     @field_validator("policies", mode="before")
     @classmethod
@@ -67,8 +79,8 @@ class ExperimentConfig(BaseModel):
         if isinstance(v, bool):
             raise ValueError("must be a positive int or a list of ints")
         if isinstance(v, int):
-            if v < 1:
-                raise ValueError("must be at least 1")
+            if not 1 <= v <= MAX_SEEDS:
+                raise ValueError(f"must be between 1 and {MAX_SEEDS:,} (split more seeds over several runs)")
             return list(range(v))
         return v
 
@@ -150,18 +162,39 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def read_toml(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"config file not found: {path}")
+    if not path.is_file():  # a directory, a FIFO (reading it would wait for ever) or a device such as /dev/zero
+        raise BadInput(f"config path is not a regular file: {path}")
     try:
-        return tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise BadInput(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise BadInput(f"config path is a directory, not a file: {path}") from None
+        return tomllib.loads(path.read_text())
+    except OSError as e:
+        raise BadInput(f"cannot read config file {path}: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise BadInput(f"config file {path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise BadInput(f"config file {path} nests tables or lists too deeply") from None
+
+
+def check_values(raw: dict) -> None:
+    """Refuse what TOML allows but no experiment means: inf and nan, and nesting deeper than MAX_DEPTH.
+    Walked without recursion, so a deep config is refused here rather than by a RecursionError later."""
+    todo = [(k, v, 1) for k, v in raw.items()]
+    while todo:
+        key, value, depth = todo.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadInput(f"config error: {key}: must be a finite number (got {value})")
+        if isinstance(value, (dict, list)):
+            if depth >= MAX_DEPTH:
+                raise BadInput(f"config error: {key}: nested more than {MAX_DEPTH} deep")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            todo += [(f"{key}.{k}", v, depth + 1) for k, v in items]
 
 
 def from_dict(raw: dict) -> ExperimentConfig:
     """Validate a config dict (top-level keys and the family's table). Raises BadInput with one line."""
+    check_values(raw)
     raw = dict(raw)
     family = raw.get("family")
     if not isinstance(family, str):
