@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -292,3 +293,53 @@ def test_resource_keys_leave_the_config_hash_and_old_runs_resume(tmp_path):
     assert read_metrics(tmp_path / "run") == rows
     with pytest.raises(BadInput, match="gpus"):
         configlib.from_dict(dict(raw, gpus=-1))
+
+
+# -- issue 12: the store never loses or mislabels a result ---------------------------------------------
+
+
+def test_cell_names_are_unique_reversible_and_keep_the_plain_ones():
+    from modelcollapse.sweep import cell_name, value_name
+
+    # the names earlier sweeps gave, so their directories still resume
+    assert cell_name({"lm.model": "gpt2-9m", "lm.temperature": 0.3}) == "model-gpt2-9m_temperature-0.3"
+    assert cell_name({"linreg.T": 20}) == "T-20" and cell_name({"linreg.n_test": 10}) == "n_test-10"
+    assert cell_name({"linreg.sigma2": -1.0, "flag": True}) == "sigma2--1.0_flag-True"
+    # different values, different names: paths, spaces, types
+    values = ["a/b.txt", "a_b.txt", "x y", "xy", 1, 1.0, "1", True, "True", '"1"', "", "%41", "A", "é", [1, 2], "[1, 2]"]
+    names = [value_name(v) for v in values]
+    assert len(set(names)) == len(values), names
+    assert value_name("a/b.txt") == "a%2Fb.txt" and value_name("x y") == "x%20y" and value_name("1") == "%221%22"
+    assert all(set(n) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.+-%") for n in names)
+    # '_' separates the axes, so no value keeps one: two axes read back unambiguously
+    assert cell_name({"a": "x_b-y", "b": "z"}) != cell_name({"a": "x", "b": "y_b-z"})
+    long = cell_name({"lm.data": "d" * 300})
+    assert len(long) == 200 and "~" in long and long != cell_name({"lm.data": "d" * 299 + "e"})
+
+
+def test_grid_values_that_print_alike_get_cells_of_their_own(tmp_path, monkeypatch):
+    from modelcollapse import sweep as sweeplib
+
+    s = tmp_path / "s.toml"
+    s.write_text('[base]\nname = "p"\nfamily = "lm"\npolicies = ["replace"]\niterations = 1\nseeds = 1\n'
+                 '[grid]\n"lm.data" = ["a/b.txt", "a_b.txt", "x y", "xy"]\n')
+    _, cells = sweeplib.load_sweep(s)
+    assert [c.name for c in cells] == ["data-a%2Fb.txt", "data-a%5Fb.txt", "data-x%20y", "data-xy"]
+    assert [c.config.family_config.data for c in cells] == ["a/b.txt", "a_b.txt", "x y", "xy"]
+    monkeypatch.setattr(sweeplib, "value_name", lambda v: "same")  # were two names ever to meet: refused
+    with pytest.raises(BadInput, match="would share the cell 'data-same'"):
+        sweeplib.load_sweep(s)
+
+
+def test_an_axis_label_cannot_put_cells_outside_out(env, tmp_path):
+    escape = tmp_path / "escaped"  # an absolute path as the label of an axis of tables
+    s = tmp_path / "s.toml"
+    s.write_text(LINREG.replace('"linreg.T" = [6, 20]', f'"{escape}" = [{{ "linreg.T" = 6 }}, {{ "linreg.T" = 20 }}]')
+                 .replace("iterations = 4", "iterations = 2"))
+    r = cli("sweep", s, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert not list(tmp_path.glob("escaped*")) and not list(Path(str(escape)).parent.glob("escaped*"))
+    cells = [c["name"] for c in json.loads((tmp_path / "out" / "sweep.json").read_text())["cells"]]
+    assert all((tmp_path / "out" / c / "manifest.json").exists() and "/" not in c for c in cells)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        cells + [".sweep.lock", "configs", "logs", "results.csv", "results.parquet", "sweep.json"])

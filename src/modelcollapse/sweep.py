@@ -10,7 +10,8 @@
 
 The sweep directory:
 
-    DIR/<cell>/                     an ordinary run directory, e.g. DIR/T-20/ (`run`, `report`, resume work on it)
+    DIR/<cell>/                     an ordinary run directory, e.g. DIR/T-20/ (`run`, `report`, resume work on it),
+                                    named by its grid values (see `cell_name`)
     DIR/configs/<cell>.toml         the cell's config, as `modelcollapse run` reads it
     DIR/logs/<cell>.log             the cell's output, every attempt appended
     DIR/sweep.json                  every cell: overrides, status, error line, log, seconds
@@ -26,10 +27,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
+import string
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +46,8 @@ from modelcollapse.store import RunDir, atomic_write_bytes, atomic_write_json, n
 from modelcollapse.sweep_backends import Job, RayCluster, run_local
 
 BACKENDS = ("local", "ray")
-FAILED = ("failed", "bad-input")
+SAFE = frozenset(string.ascii_letters + string.digits + ".+-")  # what a grid value keeps in a cell's name
+MAX_NAME = 200  # bytes; a cell's files add to it (".<cell>.toml.XXXXXXXX.tmp") within most file systems' 255
 
 
 @dataclass
@@ -74,8 +79,43 @@ def is_sweep(raw: dict) -> bool:
     return "grid" in raw
 
 
-def _value_name(v) -> str:
-    return str(v).replace("/", "_").replace(" ", "")
+def _escape(text: str, safe: frozenset) -> str:
+    """Percent-encoding (as in URLs) of every character outside `safe`, '%' included: reversible."""
+    return "".join(c if c in safe else "".join(f"%{b:02X}" for b in c.encode()) for c in text)
+
+
+def _prints_like_a_value(s: str) -> bool:
+    """Whether some grid value that is not a string prints as `s` (a number, bool, date, list or table), or
+    `s` opens with the quote that marks strings which do."""
+    return (s[:1] in ('"', "[", "{") or s in ("True", "False") or bool(re.match(r"\d{4}-\d\d-\d\d|\d\d:\d\d", s))
+            or _is_float(s))
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def value_name(v) -> str:
+    """A grid value as a cell's name shows it: as it prints when that is plain (20, 0.3, gpt2-9m, True), with
+    every other character percent-encoded ("a/b c" -> a%2Fb%20c), and a string that prints like another
+    type quoted ("1" -> %221%22), so that 1, 1.0, "1" and true name four cells. '_' is encoded too: it
+    separates the axes."""
+    return _escape(f'"{v}"' if isinstance(v, str) and _prints_like_a_value(v) else str(v), SAFE)
+
+
+def cell_name(axes: dict) -> str:
+    """The folder of a cell: `<key tail>-<value>` per axis, joined by '_' (T-20, model-gpt2-9m_temperature-0.3).
+    Every cell of a sweep has the same axes in the same order and no value holds '_', so the name is unique
+    and the values can be read back from it. A name over MAX_NAME bytes is cut and ends with '~' and a hash
+    of the whole (sweep.json keeps every cell's values)."""
+    name = "_".join(f"{_escape(k.split('.')[-1], SAFE | {'_'})}-{value_name(v)}" for k, v in axes.items())
+    if len(name) > MAX_NAME:
+        name = name[: MAX_NAME - 17] + "~" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    return name
 
 
 def sweep_base(path: Path, raw: dict) -> dict:
@@ -111,7 +151,7 @@ def load_sweep(path: Path, overrides: list[str] = ()) -> tuple[str, list[Cell]]:
             linked = isinstance(v, dict)  # a table of keys, the axis valued by its first
             axes[k] = next(iter(v.values())) if linked else v
             chosen.update(v if linked else {k: v})
-        name = "_".join(f"{k.split('.')[-1]}-{_value_name(v)}" for k, v in axes.items())
+        name = cell_name(axes)
         raw_cell = copy.deepcopy(base)
         for k, v in chosen.items():
             configlib.set_key(raw_cell, k, v)
@@ -121,6 +161,12 @@ def load_sweep(path: Path, overrides: list[str] = ()) -> tuple[str, list[Cell]]:
         except BadInput as e:
             raise BadInput(f"sweep cell {name}: {e}") from None
         cells.append(Cell(name, chosen, cfg, raw_cell, axes))
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        if cell.name in seen:
+            raise BadInput(f"sweep {path}: grid values {seen[cell.name].axes} and {cell.axes} would share the cell "
+                           f"{cell.name!r}; make the values differ in more than their type")
+        seen[cell.name] = cell
     return base["name"], cells
 
 
