@@ -81,9 +81,9 @@ def test_a_config_that_is_not_a_regular_file_is_refused_at_once(tmp_path):
     (tmp_path / "dir.toml").mkdir()
     for path in (fifo, "/dev/zero", tmp_path / "dir.toml"):
         r = cli("run", path, "--out", tmp_path / "out", timeout=60)
-        assert r.returncode == 2 and r.stderr == f"error: config path is not a regular file: {path}\n", r.stderr
+        assert r.returncode == 2 and r.stderr == f"error: config file is not a regular file: {path}\n", r.stderr
         r = cli("sweep", path, "--out", tmp_path / "out", timeout=60)
-        assert r.returncode == 2 and r.stderr == f"error: config path is not a regular file: {path}\n", r.stderr
+        assert r.returncode == 2 and r.stderr == f"error: config file is not a regular file: {path}\n", r.stderr
     assert not (tmp_path / "out").exists()
 
 

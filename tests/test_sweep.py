@@ -1,9 +1,11 @@
 """Sweeps: a grid of ordinary runs on the local backend and on a real local Ray, results table, failures,
 resume after a kill, the lock, bad input, and the faceted report."""
 
+import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -298,6 +300,82 @@ def test_resource_keys_leave_the_config_hash_and_old_runs_resume(tmp_path):
 # -- issue 12: the store never loses or mislabels a result ---------------------------------------------
 
 
+SLOW = """[base]
+name = "slow"
+family = "linreg"
+policies = ["replace", "accumulate"]
+seeds = 4
+iterations = 30
+[base.linreg]
+d = 3
+T = 10
+method = "loop"  # a unit per generation: a cell takes a few seconds and stops between generations
+[grid]
+"linreg.sigma2" = [0.5, 1.0, 2.0]
+"""
+SLOW_CELLS = ["sigma2-0.5", "sigma2-1.0", "sigma2-2.0"]
+
+
+def popen_sweep(*args, **kwargs):
+    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-m", "modelcollapse", "sweep", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def wait_for(path, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def processes_under(path) -> list[str]:
+    """Command lines of the processes that name `path` (a sweep's cells name their run directory)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile
+            continue
+        if any(str(path).encode() in a for a in args):
+            found.append(b" ".join(args).decode(errors="replace"))
+    return found
+
+
+@pytest.fixture(scope="module")
+def slow_whole(env, tmp_path_factory):
+    root, r = sweep(tmp_path_factory, "slow-whole", SLOW, "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+def test_the_sweep_that_loses_the_race_for_a_new_dir_removes_nothing(env, tmp_path, monkeypatch):
+    """Two sweeps start on one new DIR. The second is paused just before it takes the lock, while the first
+    takes it and runs; then it is refused and must leave the first sweep's files alone."""
+    from modelcollapse import sweep as sweeplib
+
+    (tmp_path / "s.toml").write_text(LINREG)
+    out = tmp_path / "out"
+    real_lock, first = sweeplib.sweep_lock, []
+
+    @contextlib.contextmanager
+    def paused_lock(path):
+        first.append(popen_sweep(tmp_path / "s.toml", "--out", out))  # the winner starts while this one waits
+        wait_for(out / "sweep.json")  # written under the lock: the first holds it now
+        with real_lock(path):
+            yield
+
+    monkeypatch.setattr(sweeplib, "sweep_lock", paused_lock)
+    with pytest.raises(BadInput, match="is in use by another sweep"):
+        sweeplib.run_sweep(tmp_path / "s.toml", out, progress=False)
+    assert (out / "sweep.json").exists() and (out / "configs").is_dir()
+    stdout, stderr = first[0].communicate(timeout=300)
+    assert first[0].returncode == 0, stderr
+    assert "4/4 cells" in stdout
+    assert (out / "results.csv").read_text().count("\n") == 1 + 4 * 2 * 3 * 4 * 2
+    assert all((out / c / "metrics.jsonl").exists() for c in LINREG_CELLS)
+
+
 def test_cell_names_are_unique_reversible_and_keep_the_plain_ones():
     from modelcollapse.sweep import cell_name, value_name
 
@@ -343,3 +421,70 @@ def test_an_axis_label_cannot_put_cells_outside_out(env, tmp_path):
     assert all((tmp_path / "out" / c / "manifest.json").exists() and "/" not in c for c in cells)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         cells + [".sweep.lock", "configs", "logs", "results.csv", "results.parquet", "sweep.json"])
+
+
+def test_a_done_cell_with_a_damaged_table_is_run_again(linreg_local, tmp_path):
+    """A finished cell's metrics.jsonl deleted, cut mid-line, or short by whole lines: the sweep says so, the
+    cell's run rebuilds it, and results.csv ends as the undamaged sweep's."""
+    out = tmp_path / "out"
+    shutil.copytree(linreg_local / "out", out)
+    (out / LINREG_CELLS[0] / "metrics.jsonl").unlink()
+    cut = out / LINREG_CELLS[1] / "metrics.jsonl"
+    cut.write_bytes(cut.read_bytes()[: len(cut.read_bytes()) // 2 + 7])
+    short = out / LINREG_CELLS[2] / "metrics.jsonl"
+    short.write_text("".join(short.read_text().splitlines(keepends=True)[:-3]))
+    (out / "results.csv").unlink()
+    r = cli("sweep", linreg_local / "s.toml", "--out", out)
+    assert r.returncode == 0, r.stderr
+    for cell in LINREG_CELLS[:3]:
+        assert f"{cell}: done, but " in r.stderr and "running it again to rebuild it" in r.stderr
+    assert "4/4 cells (1 already done)" in r.stdout
+    assert (out / "results.csv").read_bytes() == (linreg_local / "out" / "results.csv").read_bytes()
+    assert cell_metrics(tmp_path, LINREG_CELLS) == cell_metrics(linreg_local, LINREG_CELLS)
+
+
+def test_the_results_table_names_a_damaged_file_and_leaves_out_only_a_torn_last_line(linreg_local, tmp_path):
+    from modelcollapse.sweep import load_sweep, write_results
+
+    out = tmp_path / "out"
+    shutil.copytree(linreg_local / "out", out)
+    _, cells = load_sweep(linreg_local / "s.toml")
+    for c in cells:
+        c.status = "done"
+    cells[3].status = "failed"  # a cell killed while appending a row: its next run rebuilds the file
+    torn = out / LINREG_CELLS[3] / "metrics.jsonl"
+    torn.write_text(torn.read_text() + '{"policy": "replace", "se')
+    write_results(out, cells)
+    assert (out / "results.csv").read_bytes() == (linreg_local / "out" / "results.csv").read_bytes()
+    damaged = out / LINREG_CELLS[1] / "metrics.jsonl"
+    lines = damaged.read_text().splitlines(keepends=True)
+    damaged.write_text("".join(lines[:5] + ["garbage\n"] + lines[5:]))
+    with pytest.raises(BadInput, match=f"{damaged} line 6 is damaged; run the sweep again"):
+        write_results(out, cells)
+
+
+@pytest.mark.parametrize("text", ["[]", "null", "{not json", '{"name": "x", "cells": []}'])
+def test_a_damaged_sweep_index_is_named_in_one_line(tmp_path, text):
+    s = tmp_path / "s.toml"
+    s.write_text(LINREG)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep.json").write_text(text)
+    for args in (("sweep", s, "--out", out), ("report", out, "--out", tmp_path / "rep")):
+        r = cli(*args)
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"{out / 'sweep.json'} is not a sweep index" in r.stderr
+    assert [p.name for p in out.iterdir()] == ["sweep.json"] and (out / "sweep.json").read_text() == text
+    assert not (tmp_path / "rep").exists()
+
+
+def test_an_out_that_cannot_be_a_directory_is_one_line(linreg_local, tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    cases = [(tmp_path / "file", "exists and is not a directory"), (tmp_path / "file" / "sub", "is not a directory")]
+    if Path("/proc/sys").is_dir():  # not writable even by root
+        cases.append((Path("/proc/sys/modelcollapse-test"), "/proc/sys"))
+    for out, needle in cases:
+        for args in (("sweep", linreg_local / "s.toml", "--out", out), ("report", linreg_local / "out", "--out", out)):
+            r = cli(*args)
+            assert r.returncode == 2 and needle in r.stderr and len(r.stderr.splitlines()) == 1, (args, r.stderr)
+    assert (tmp_path / "file").read_text() == "keep me"

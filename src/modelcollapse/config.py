@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, 
 
 from modelcollapse import policies
 from modelcollapse.errors import BadInput
+from modelcollapse.paths import regular_file
 from modelcollapse.families import FamilyModule, load_family
 from modelcollapse.policies import Policy
 from modelcollapse.selection import SelectSpec
@@ -162,11 +163,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def read_toml(path: Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise BadInput(f"config file not found: {path}")
-    if not path.is_file():  # a directory, a FIFO (reading it would wait for ever) or a device such as /dev/zero
-        raise BadInput(f"config path is not a regular file: {path}")
+    path = regular_file(path, "config file")
     try:
         return tomllib.loads(path.read_text())
     except OSError as e:

@@ -24,10 +24,12 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from modelcollapse import paths  # noqa: E402
 from modelcollapse.errors import BadInput  # noqa: E402
 from modelcollapse.families import load_family, table_name  # noqa: E402
 from modelcollapse.policies import from_spec  # noqa: E402
 from modelcollapse.store import read_json  # noqa: E402
+from modelcollapse.sweep import read_index  # noqa: E402
 
 
 def read_columns(run_dir: Path) -> dict[str, np.ndarray]:
@@ -94,7 +96,7 @@ class SweepDir:
     """A sweep directory: its grid keys and values, and the runs of the cells that have started."""
 
     def __init__(self, path: Path):
-        index = read_json(path / "sweep.json")
+        index = read_index(path / "sweep.json")
         self.path, self.name = path, index["name"]
         cells = index["cells"]
         axes = [c.get("axes") or c["overrides"] for c in cells]  # a linked axis is one key here
@@ -131,8 +133,10 @@ def find_runs(dirs: list[Path]) -> list[Run]:
         elif (d / "sweep.json").exists():
             try:
                 runs += SweepDir(d).runs
-            except (ValueError, KeyError, IndexError) as e:
-                raise BadInput(f"report: {d / 'sweep.json'} is corrupt ({e})") from None
+            except BadInput:
+                raise
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+                raise BadInput(f"report: {d / 'sweep.json'} is corrupt ({type(e).__name__}: {e})") from None
         elif d.is_dir() and (cells := sorted(p.parent for p in d.glob("*/manifest.json"))):
             runs += [Run(c) for c in cells]
         else:
@@ -393,11 +397,11 @@ def sweep_section(sweep: SweepDir, index: int, runs: list[Run], out: Path, body:
 
 
 def write_report(dirs: list[Path], out: Path) -> Path:
+    out = paths.out_dir(out)
     runs = find_runs(dirs)
     if not any(r.n_rows for r in runs):
         raise BadInput("report: the run directories hold no metrics yet")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    paths.make_dir(out)
     md, body = ["# modelcollapse report", ""], []
     for i, sweep in enumerate(dict.fromkeys(r.sweep for r in runs if r.sweep)):
         sweep_section(sweep, i, runs, out, body, md)
@@ -434,13 +438,13 @@ def write_report(dirs: list[Path], out: Path) -> Path:
             body.append(f"<h3>{html.escape(caption)}</h3><img src='{png}' style='max-width:100%'>{html_table(header, rows)}")
             md += [f"### {caption}", "", f"![{caption}]({png})", "", markdown(header, rows), ""]
         add_samples(fruns, runs, out, body)
-    (out / "summary.md").write_text("\n".join(md) + "\n")
+    (out / "summary.md").write_text("\n".join(md) + "\n", errors="backslashreplace")  # paths need not be UTF-8
     style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;margin:8px 0}"
              "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}.row{display:flex;flex-wrap:wrap}"
              "figure{margin:4px}pre{white-space:pre-wrap;font-size:12px}")
     (out / "index.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>modelcollapse report</title><style>{style}</style>"
         f"</head><body><h1>modelcollapse report</h1><p>{len(runs)} run(s): "
-        f"{html.escape(', '.join(str(r.path) for r in runs))}</p>{''.join(body)}</body></html>\n"
+        f"{html.escape(', '.join(str(r.path) for r in runs))}</p>{''.join(body)}</body></html>\n", errors="backslashreplace"
     )
     return out

@@ -19,7 +19,8 @@ The sweep directory:
     DIR/.sweep.lock                 held while a sweep runs: a second sweep into DIR is refused
 
 Cells run as child processes (sweep_backends.py), here or on Ray. Running the sweep again skips finished
-cells and resumes the others by the ordinary resume of `run`.
+cells and resumes the others by the ordinary resume of `run`; a finished cell whose metrics.jsonl is missing
+or damaged is run again too (its run rebuilds the file from its finished generations).
 """
 
 from __future__ import annotations
@@ -32,17 +33,18 @@ import itertools
 import json
 import os
 import re
-import shutil
 import string
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
 
 from modelcollapse import config as configlib
+from modelcollapse import paths
 from modelcollapse.errors import BadInput
-from modelcollapse.store import RunDir, atomic_write_bytes, atomic_write_json, now, read_json, read_metrics
+from modelcollapse.store import RunDir, atomic_write_bytes, atomic_write_json, now, read_json
 from modelcollapse.sweep_backends import Job, RayCluster, run_local
 
 BACKENDS = ("local", "ray")
@@ -172,9 +174,14 @@ def load_sweep(path: Path, overrides: list[str] = ()) -> tuple[str, list[Cell]]:
 
 @contextlib.contextmanager
 def sweep_lock(out: Path):
-    """Hold DIR/.sweep.lock for the whole sweep; a second sweep into DIR is bad input."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".sweep.lock", "a") as lock:
+    """Hold DIR/.sweep.lock for the whole sweep; a second sweep into DIR is bad input. The loser of a race
+    for a new DIR removes nothing: the DIR is the winner's."""
+    paths.make_dir(out)
+    try:
+        lock = open(out / ".sweep.lock", "a")
+    except OSError as e:
+        raise BadInput(f"--out {out}: cannot write in it ({e.strerror or e})") from None
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -185,7 +192,7 @@ def sweep_lock(out: Path):
 def run_sweep(path: Path, out: Path, overrides: list[str] = (), workers: int | None = None, backend: str = "local",
               address: str | None = None, progress: bool = True) -> list[tuple[Cell, str]]:
     """Run every cell not done yet; a failed cell is recorded and the others go on. Returns (cell, status)
-    pairs. Everything that makes it bad input is found before any cell runs."""
+    pairs. Everything that makes it bad input is found before anything is written, so nothing needs undoing."""
     if backend not in BACKENDS:
         raise BadInput(f"--backend: must be one of {', '.join(BACKENDS)} (got {backend!r})")
     if address and backend != "ray":
@@ -195,44 +202,42 @@ def run_sweep(path: Path, out: Path, overrides: list[str] = (), workers: int | N
     if address and workers:
         raise BadInput("--workers sizes a local Ray instance; the cluster at --address schedules by its own CPUs")
     name, cells = load_sweep(path, overrides)
-    out = Path(out).absolute()
+    out = paths.out_dir(Path(out).absolute())
+    if (out / "sweep.json").exists():
+        read_index(out / "sweep.json")
     for cell in cells:  # refuse foreign DIRs before any cell runs
         RunDir.check(out / cell.name, cell.config.hash())
     env = {k: v for k, v in os.environ.items() if k.startswith("MODELCOLLAPSE_")}
     jobs = [Job(c.name, str(out / c.config_file), str(out / c.name), str(out / c.log),
                 str(Path.cwd()), c.config.cpus, c.config.gpus, env) for c in cells]
     cluster = RayCluster(address, workers, jobs) if backend == "ray" else contextlib.nullcontext()
-    created = not out.exists()
-    try:
-        with sweep_lock(out), cluster:
-            for cell in cells:
-                manifest = out / cell.name / "manifest.json"
-                cell.skipped = manifest.exists() and read_json(manifest).get("status") == "done"
-                cell.status = "done" if cell.skipped else "pending"
-                atomic_write_bytes(out / cell.config_file, tomli_w.dumps(cell.raw).encode())
-            (out / "logs").mkdir(exist_ok=True)
+    with cluster, sweep_lock(out):  # the cluster's checks come first: they are bad input too
+        for cell in cells:
+            cell.skipped, damage = finished(out / cell.name)
+            cell.status = "done" if cell.skipped else "pending"
+            if damage:
+                print(f"{cell.name}: done, but {damage}: running it again to rebuild it from its finished generations",
+                      file=sys.stderr)
+            atomic_write_bytes(out / cell.config_file, tomli_w.dumps(cell.raw).encode())
+        (out / "logs").mkdir(exist_ok=True)
+        write_index(out, name, path, backend, cells)
+        by_name = {c.name: c for c in cells}
+        todo = [job for job in jobs if not by_name[job.name].skipped]
+
+        def done(job: Job, result: dict) -> None:
+            cell = by_name[job.name]
+            cell.status, cell.error, cell.seconds = result["status"], result["error"], result["seconds"]
             write_index(out, name, path, backend, cells)
-            by_name = {c.name: c for c in cells}
-            todo = [job for job in jobs if not by_name[job.name].skipped]
+            if progress:
+                ended = sum(c.status != "pending" and not c.skipped for c in cells)
+                why = f": {cell.error}" if cell.error else ""
+                print(f"[{ended}/{len(todo)}] {cell.name}: {cell.status}{why} ({cell.seconds or 0:.1f}s)", file=sys.stderr)
 
-            def done(job: Job, result: dict) -> None:
-                cell = by_name[job.name]
-                cell.status, cell.error, cell.seconds = result["status"], result["error"], result["seconds"]
-                write_index(out, name, path, backend, cells)
-                if progress:
-                    ended = sum(c.status != "pending" and not c.skipped for c in cells)
-                    why = f": {cell.error}" if cell.error else ""
-                    print(f"[{ended}/{len(todo)}] {cell.name}: {cell.status}{why} ({cell.seconds or 0:.1f}s)", file=sys.stderr)
-
-            if backend == "ray":
-                cluster.run(todo, done)
-            else:
-                run_local(todo, workers or 1, done)
-            write_results(out, cells)
-    except BadInput:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)  # bad input leaves nothing behind
-        raise
+        if backend == "ray":
+            cluster.run(todo, done)
+        else:
+            run_local(todo, workers or 1, done)
+        write_results(out, cells)
     return [(c, c.status) for c in cells]
 
 
@@ -241,12 +246,75 @@ def write_index(out: Path, name: str, path: Path, backend: str, cells: list[Cell
                                            "updated": now(), "cells": [c.record() for c in cells]})
 
 
+def read_index(path: Path) -> dict:
+    """DIR/sweep.json, or BadInput naming it when it is not what write_index writes."""
+    try:
+        index = read_json(path)
+        ok = (isinstance(index, dict) and isinstance(index.get("name"), str) and isinstance(index.get("cells"), list)
+              and index["cells"] and all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in index["cells"]))
+    except (OSError, ValueError) as e:
+        ok, index = False, f"{type(e).__name__}: {e}"
+    if not ok:
+        raise BadInput(f"{path} is not a sweep index (got {str(index)[:60]!r}); move it away and run the sweep "
+                       "again to rewrite it from the cells")
+    return index
+
+
+def metric_rows(run_dir: Path, torn_tail: bool = False) -> list[dict]:
+    """The rows of a run's metrics.jsonl ([] when there is none yet); ValueError naming the first damaged
+    line. With `torn_tail`, a last line cut short (a run killed while appending it) is left out."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    text = path.read_bytes().decode(errors="replace")
+    lines = text.split("\n")
+    if torn_tail and not text.endswith("\n"):
+        lines = lines[:-1]
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not all(k in row for k in COLUMNS):
+            raise ValueError(f"{path} line {i} is damaged")
+        rows.append(row)
+    return rows
+
+
+def finished(run_dir: Path) -> tuple[bool, str | None]:
+    """(whether a cell's run is done and whole, what is wrong when it is done but not whole). Whole: its
+    metrics.jsonl holds exactly the rows of its finished generations, as a run leaves it."""
+    try:
+        manifest = read_json(run_dir / "manifest.json")
+    except (OSError, ValueError):
+        return False, None  # not started, or a manifest the cell's own run will report
+    if not isinstance(manifest, dict) or manifest.get("status") != "done":
+        return False, None
+    if not (run_dir / "metrics.jsonl").is_file():
+        return False, f"{run_dir / 'metrics.jsonl'} is missing"
+    try:
+        rows = metric_rows(run_dir)
+        units = [RunDir.finished(p.parent) for p in run_dir.glob("*/**/metrics.json")]
+        if not all(isinstance(u, list) for u in units):
+            raise ValueError(f"a generation's metrics.json in {run_dir} is damaged")
+    except ValueError as e:
+        return False, str(e)
+    key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
+    if Counter(map(key, rows)) != Counter(key(r) for u in units for r in u):
+        return False, f"{run_dir / 'metrics.jsonl'} does not hold the rows of its finished generations"
+    return True, None
+
+
 COLUMNS = ("policy", "seed", "iteration", "metric", "value")
 
 
 def write_results(out: Path, cells: list[Cell]) -> None:
     """DIR/results.parquet and .csv from every cell's metrics.jsonl (whatever the cell's status: its rows
-    are finished generations), the overridden keys as columns."""
+    are finished generations), the overridden keys as columns. A damaged file is named, never skipped; only
+    the torn last line of a cell that did not finish is left out (its next run rebuilds the file)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -254,7 +322,11 @@ def write_results(out: Path, cells: list[Cell]) -> None:
     keys = list(cells[0].overrides)
     cols: dict[str, list] = {k: [] for k in ("cell", *keys, *COLUMNS)}
     for cell in cells:
-        for row in read_metrics(out / cell.name):
+        try:
+            rows = metric_rows(out / cell.name, torn_tail=cell.status != "done")
+        except ValueError as e:
+            raise BadInput(f"{e}; run the sweep again (the cell's run rebuilds it from its finished generations)") from None
+        for row in rows:
             cols["cell"].append(cell.name)
             for k in keys:
                 cols[k].append(cell.overrides[k])

@@ -1,0 +1,43 @@
+"""Paths a command is given, checked before anything is read from or written to them: bad ones are BadInput."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from modelcollapse.errors import BadInput
+
+
+def regular_file(path: Path, what: str) -> Path:
+    """`path` when it is a regular file (links followed), else BadInput naming it. Checked before it is
+    opened: reading a FIFO waits for a writer for ever, and a device such as /dev/zero never ends."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"{what} not found: {path}")
+    if not path.is_file():
+        raise BadInput(f"{what} is not a regular file: {path}")
+    return path
+
+
+def out_dir(path: Path, flag: str = "--out") -> Path:
+    """`path` when it is a directory this process can write in, or can be made one; else BadInput."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"{flag} {path}: exists and is not a directory")
+    there = path
+    while not there.exists() and there != there.parent:  # the nearest folder that exists
+        there = there.parent
+    if not there.is_dir():
+        raise BadInput(f"{flag} {path}: {there} is not a directory")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise BadInput(f"{flag} {path}: {there} is not writable")
+    return path
+
+
+def make_dir(path: Path, flag: str = "--out") -> Path:
+    """mkdir -p, with the reason it cannot be made (read-only, not a directory, ...) as BadInput."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"{flag} {path}: cannot create it ({e.strerror or e})") from None
+    return Path(path)
