@@ -2,10 +2,14 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from conftest import cli
+from conftest import SRC, cli
 
 GOOD = 'name = "g"\nfamily = "linreg"\npolicies = ["replace", "accumulate"]\niterations = 3\nseeds = 4\n[linreg]\nd = 3\nT = 10\n'
 
@@ -187,3 +191,42 @@ def test_sweep_runs_every_cell_and_refuses_an_impossible_one(tmp_path):
     sweep.write_text(sweep.read_text().replace("[6, 20]", "[4, 20]"))
     r = cli("sweep", sweep, "--out", tmp_path / "out2")
     assert r.returncode == 2 and "sweep cell T-4_sigma2-0.5" in r.stderr and not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "c.toml", "--colour", "red"], "No such option: --colour"),
+    (["run"], "Missing argument"),
+    (["sweep", "c.toml", "--out", "o", "--backend", "spark"], "Invalid value for '--backend'"),
+    (["theory", "linreg", "--d", "ten"], "Invalid value for '--d'"),
+    (["run", "c.toml", "--nproc", "0"], "Invalid value for '--nproc'"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+])
+def test_a_usage_error_is_one_line_not_a_usage_box(tmp_path, args, needle):
+    r = cli(*args, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr and r.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_says_how_to_resume_in_one_line(tmp_path, sig):
+    """Ctrl-C and SIGTERM (what Slurm and Kubernetes send) stop a run the same way: its handlers run (the
+    manifest is no longer `running`), one line says what to do, exit 128 + the signal; the same command resumes."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(GOOD.replace("seeds = 4", "seeds = 30").replace("iterations = 3", "iterations = 30") + 'method = "loop"\n')
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "modelcollapse", "run", str(cfg), "--out", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "replace" / "seed-0" / "gen-2" / "metrics.json").exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig
+    assert stderr == f"interrupted ({sig.name}): run the same command again to resume\n" and stdout == ""
+    assert json.loads((out / "manifest.json").read_text())["status"] != "running"
+    r = cli("run", cfg, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "manifest.json").read_text())["status"] == "done"

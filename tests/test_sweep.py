@@ -239,7 +239,7 @@ iterations = [2, 60]
                 time.sleep(0.05)
         fcntl.flock(lock, fcntl.LOCK_UN)
     manifest = json.loads((out / "iterations-60" / "manifest.json").read_text())
-    assert manifest["status"] == "running"  # killed mid-cell
+    assert manifest["status"] != "done"  # stopped mid-cell (by the SIGTERM its dying sweep sent it)
     assert not (out / "results.csv").exists()
 
     r = cli("sweep", root / "s.toml", "--out", out)
@@ -298,7 +298,6 @@ def test_resource_keys_leave_the_config_hash_and_old_runs_resume(tmp_path):
 
 
 # -- issue 12: the store never loses or mislabels a result ---------------------------------------------
-
 
 SLOW = """[base]
 name = "slow"
@@ -463,6 +462,38 @@ def test_the_results_table_names_a_damaged_file_and_leaves_out_only_a_torn_last_
         write_results(out, cells)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_sweep_stops_its_cells_writes_what_is_finished_and_resumes(slow_whole, tmp_path, sig):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or SIGTERM (to the sweep alone, as
+    a scheduler sends it) while two cells run and one waits."""
+    (tmp_path / "s.toml").write_text(SLOW)
+    out = tmp_path / "out"
+    proc = popen_sweep(tmp_path / "s.toml", "--out", out, "--workers", "2", start_new_session=True)
+    wait_for(out / SLOW_CELLS[0] / "replace" / "seed-0" / "gen-2" / "metrics.json")
+    wait_for(out / SLOW_CELLS[1] / "replace" / "seed-0" / "gen-1" / "metrics.json")
+    assert len(processes_under(out)) == 3  # the sweep and its two running cells
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, stderr
+    assert stderr.splitlines()[-1] == f"interrupted ({sig.name}): run the same command again to resume", stderr
+    assert "Traceback" not in stderr
+    assert processes_under(out) == []  # every cell stopped before the sweep ended
+    cells = {c["name"]: c for c in json.loads((out / "sweep.json").read_text())["cells"]}
+    assert [cells[c]["status"] for c in SLOW_CELLS] == ["interrupted", "interrupted", "pending"]
+    for c in SLOW_CELLS[:2]:
+        assert json.loads((out / c / "manifest.json").read_text())["status"] != "running"  # stopped through its handler
+    rows = (out / "results.csv").read_text().splitlines()
+    assert 1 < len(rows) < (slow_whole / "out" / "results.csv").read_text().count("\n")  # what was finished
+
+    r = cli("sweep", tmp_path / "s.toml", "--out", out, "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert cell_metrics(tmp_path, SLOW_CELLS) == cell_metrics(slow_whole, SLOW_CELLS)
+    assert (out / "results.csv").read_bytes() == (slow_whole / "out" / "results.csv").read_bytes()
+
+
 @pytest.mark.parametrize("text", ["[]", "null", "{not json", '{"name": "x", "cells": []}'])
 def test_a_damaged_sweep_index_is_named_in_one_line(tmp_path, text):
     s = tmp_path / "s.toml"
@@ -488,3 +519,17 @@ def test_an_out_that_cannot_be_a_directory_is_one_line(linreg_local, tmp_path):
             r = cli(*args)
             assert r.returncode == 2 and needle in r.stderr and len(r.stderr.splitlines()) == 1, (args, r.stderr)
     assert (tmp_path / "file").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("encoding", [None, "utf-8"])  # the locale's default, and an explicit (strict) one
+def test_a_dir_name_that_is_not_utf8_prints(linreg_local, tmp_path, encoding):
+    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if encoding:
+        env["PYTHONIOENCODING"] = encoding
+    out, rep = bytes(tmp_path) + b"/out-\xff", bytes(tmp_path) + b"/rep-\xfe"
+    for args in ([b"sweep", bytes(linreg_local / "s.toml"), b"--out", out], [b"report", out, b"--out", rep],
+                 [b"run", bytes(linreg_local / "out" / "configs" / f"{LINREG_CELLS[0]}.toml"), b"--out", out + b"/run"]):
+        r = subprocess.run([sys.executable, "-m", "modelcollapse", *args], capture_output=True, env=env, timeout=300)
+        assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode(errors="replace")
+        assert r.stdout.startswith((b"done: ", b"report: "))
+    assert os.path.exists(rep + b"/index.html") and os.path.exists(out + b"/results.csv")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -167,18 +168,59 @@ def bench(
             typer.echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
 
-def main() -> None:
+_received: list[int] = []  # the signal that interrupted this process, once one has
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGINT and SIGTERM (what Slurm and Kubernetes send) both raise KeyboardInterrupt in the main thread,
+    so every layer stops, and marks what it was doing `interrupted`, the same way. Only the first does: a
+    second signal would cut that clean-up short (kill -9 still ends the process at once)."""
+    if not _received:
+        _received.append(signum)
+        raise KeyboardInterrupt
+
+
+def _click_errors():
+    """The exceptions of the click that typer runs on: its own copy in recent typer, click itself before."""
     try:
-        app()
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def main() -> None:
+    errors = _click_errors()
+    help_error = getattr(errors, "NoArgsIsHelpError", ())  # click >= 8.2: the group's help, shown as it is
+    for stream in (sys.stdout, sys.stderr):  # a path given as bytes that are not UTF-8 still prints
+        if getattr(stream, "errors", None) == "strict":  # (a UTF-8 locale's surrogateescape prints them as given)
+            stream.reconfigure(errors="backslashreplace")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
+    try:
+        code = app(standalone_mode=False)  # typer turns a KeyboardInterrupt into exit code 130
     except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = None if _received else _fail(str(e))
     except RunFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        code = None if _received else _fail(str(e), 1)
+    except help_error as e:
+        e.show()
+        code = 2
+    except errors.UsageError as e:  # a bad option, a missing argument, a bad choice: one line, not a usage box
+        hint = f" (see {e.ctx.command_path} --help)" if e.ctx else ""
+        code = _fail(" ".join(e.format_message().split()) + hint)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    if _received:
+        name = signal.Signals(_received[0]).name
+        print(f"interrupted ({name}): run the same command again to resume", file=sys.stderr)
+        sys.exit(128 + _received[0])
+    sys.exit(code or 0)
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

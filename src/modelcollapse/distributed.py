@@ -173,7 +173,7 @@ def launch(nproc: int, device: str, args: list[str]) -> int:
     try:
         elastic_launch(config, sys.executable)("-m", "modelcollapse", *args)
     except SignalException as e:  # Ctrl-C or kill: the launcher has stopped the ranks
-        print(f"interrupted ({e.sigval.name})", file=sys.stderr)
+        print(f"interrupted ({e.sigval.name}): run the same command again to resume", file=sys.stderr)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         codes = {f.exitcode for f in e.failures.values()}

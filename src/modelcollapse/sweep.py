@@ -20,7 +20,9 @@ The sweep directory:
 
 Cells run as child processes (sweep_backends.py), here or on Ray. Running the sweep again skips finished
 cells and resumes the others by the ordinary resume of `run`; a finished cell whose metrics.jsonl is missing
-or damaged is run again too (its run rebuilds the file from its finished generations).
+or damaged is run again too (its run rebuilds the file from its finished generations). Ctrl-C or SIGTERM
+stops the running cells (marked `interrupted`), launches no more (they stay `pending`) and writes the
+results table of what is finished.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class Cell:
     config: configlib.ExperimentConfig
     raw: dict  # the config as given (TOML values only): what configs/<cell>.toml holds
     axes: dict  # the cell's place on each grid axis: {"linreg.T": 20} or {"size": "llama2-12m"}
-    status: str = "pending"  # pending | done | failed | bad-input
+    status: str = "pending"  # pending | done | failed | bad-input | interrupted
     error: str | None = None  # the line that says why it failed
     seconds: float | None = None
     skipped: bool = False  # already done when this sweep began: not launched again
@@ -192,7 +194,9 @@ def sweep_lock(out: Path):
 def run_sweep(path: Path, out: Path, overrides: list[str] = (), workers: int | None = None, backend: str = "local",
               address: str | None = None, progress: bool = True) -> list[tuple[Cell, str]]:
     """Run every cell not done yet; a failed cell is recorded and the others go on. Returns (cell, status)
-    pairs. Everything that makes it bad input is found before anything is written, so nothing needs undoing."""
+    pairs. Everything that makes it bad input is found before anything is written, so nothing needs undoing.
+    On KeyboardInterrupt (Ctrl-C, or SIGTERM through the CLI) the running cells are stopped and recorded as
+    `interrupted`, the results table is written, and the interrupt goes on up."""
     if backend not in BACKENDS:
         raise BadInput(f"--backend: must be one of {', '.join(BACKENDS)} (got {backend!r})")
     if address and backend != "ray":
@@ -228,15 +232,20 @@ def run_sweep(path: Path, out: Path, overrides: list[str] = (), workers: int | N
             cell = by_name[job.name]
             cell.status, cell.error, cell.seconds = result["status"], result["error"], result["seconds"]
             write_index(out, name, path, backend, cells)
-            if progress:
+            if progress and cell.status != "interrupted":  # the interrupt itself is reported once, by the CLI
                 ended = sum(c.status != "pending" and not c.skipped for c in cells)
                 why = f": {cell.error}" if cell.error else ""
                 print(f"[{ended}/{len(todo)}] {cell.name}: {cell.status}{why} ({cell.seconds or 0:.1f}s)", file=sys.stderr)
 
-        if backend == "ray":
-            cluster.run(todo, done)
-        else:
-            run_local(todo, workers or 1, done)
+        try:
+            if backend == "ray":
+                cluster.run(todo, done)
+            else:
+                run_local(todo, workers or 1, done)
+        except KeyboardInterrupt:  # the backend has stopped its cells and recorded them
+            write_index(out, name, path, backend, cells)
+            write_results(out, cells)
+            raise
         write_results(out, cells)
     return [(c, c.status) for c in cells]
 

@@ -3,17 +3,23 @@
 Both backends run the same function, `run_cell`: one child process `python -m modelcollapse run CONFIG
 --out RUN_DIR`, its output appended to the cell's log. So a cell is an ordinary run (resumed the ordinary
 way) and gives the same numbers whichever backend ran it.
+
+On an interrupt both stop launching cells and stop the running ones as a cluster stops a job: SIGTERM (the
+cell's run marks itself interrupted and exits), then SIGKILL after GRACE seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,6 +29,7 @@ from modelcollapse.procs import die_with_parent, threads_each
 from modelcollapse.store import now
 
 RAY_MISSING = "--backend ray needs Ray: pip install modelcollapse[ray]"
+GRACE = 10.0  # seconds a stopped cell has to mark its run interrupted; well inside Kubernetes' default 30 s
 
 
 @dataclass
@@ -39,21 +46,86 @@ class Job:
     env: dict  # the sweep's MODELCOLLAPSE_* variables (e.g. the cache), which a Ray worker would not have
 
 
-def run_cell(job: Job, threads: str) -> dict:
-    """Run one cell to its end in a child process: {"status": done|bad-input|failed, "error", "seconds"}."""
+class Running:
+    """The cell processes running now, so that an interrupt can stop them, and so that none starts after."""
+
+    def __init__(self):
+        self._procs: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self.stopping = False
+
+    def start(self, cmd: list[str], **kwargs) -> subprocess.Popen | None:
+        with self._lock:
+            if self.stopping:
+                return None
+            proc = subprocess.Popen(cmd, **kwargs)
+            self._procs.add(proc)
+            return proc
+
+    def ended(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._procs.discard(proc)
+
+    def stop(self) -> None:
+        """Start no more; stop the running ones (stop_processes)."""
+        with self._lock:
+            self.stopping = True
+            procs = list(self._procs)
+        stop_processes(procs)
+
+
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to each, then SIGKILL to those still running GRACE seconds later; returns once all have ended."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + GRACE
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run_cell(job: Job, threads: str, running: Running | None = None) -> dict | None:
+    """Run one cell to its end in a child process: {"status": done|bad-input|failed|interrupted, "error",
+    "seconds"}, or None when the sweep was stopping before it started."""
+    running = running or Running()
+    if running.stopping:
+        return None
     cmd = [sys.executable, "-m", "modelcollapse", "run", job.config, "--out", job.run_dir]
     env = dict(os.environ, **job.env, OMP_NUM_THREADS=threads)
     t0 = time.perf_counter()
-    with open(job.log, "a") as log:
+    with open(job.log, "a", errors="backslashreplace") as log:  # its paths need not be UTF-8
         log.write(f"=== {now()} OMP_NUM_THREADS={threads} {' '.join(cmd)}\n")
         log.flush()
         start = log.tell()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=job.cwd,
-                            preexec_fn=die_with_parent).returncode
+        proc = running.start(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                             cwd=job.cwd, preexec_fn=die_with_parent)
+        if proc is None:
+            return None
+        try:
+            # a wait with a timeout polls, so Ray's cancel (a KeyboardInterrupt in this thread) gets in
+            while proc.poll() is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=60)
+        except KeyboardInterrupt:
+            running.stopping = True
+            stop_processes([proc])
+        finally:
+            running.ended(proc)
+    rc = proc.returncode
     seconds = round(time.perf_counter() - t0, 3)
     if rc == 0:
         return {"status": "done", "error": None, "seconds": seconds}
-    return {"status": "bad-input" if rc == 2 else "failed", "error": error_line(Path(job.log), start, rc), "seconds": seconds}
+    if rc == 2:
+        status = "bad-input"
+    elif running.stopping or rc in (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM):
+        status = "interrupted"
+    else:
+        status = "failed"
+    return {"status": status, "error": error_line(Path(job.log), start, rc), "seconds": seconds}
 
 
 def error_line(log: Path, start: int, rc: int) -> str:
@@ -75,12 +147,28 @@ Done = Callable[[Job, dict], None]  # called in the sweep's own thread as each c
 
 
 def run_local(jobs: list[Job], workers: int, done: Done) -> None:
-    """At most `workers` children at once, each with cpu_count // workers threads unless the user chose."""
+    """At most `workers` children at once, each with cpu_count // workers threads unless the user chose. On
+    KeyboardInterrupt: no cell starts any more, the running ones are stopped and reported, and it goes on up."""
     threads = threads_each(workers)
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # threads that wait on child processes
-        futures = {pool.submit(run_cell, job, threads): job for job in jobs}
+    running = Running()
+    pool = ThreadPoolExecutor(max_workers=workers)  # threads that wait on child processes
+    futures = {pool.submit(run_cell, job, threads, running): job for job in jobs}
+    reported = set()
+    try:
         for future in as_completed(futures):
+            reported.add(future)
             done(futures[future], future.result())
+    except KeyboardInterrupt:
+        for future in futures:
+            future.cancel()  # those not started yet stay pending
+        running.stop()
+        wait_all(futures)
+        for future, job in futures.items():
+            if future not in reported and not future.cancelled() and future.result() is not None:
+                done(job, future.result())
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def import_ray():
@@ -113,6 +201,7 @@ class RayCluster:
 
     def __enter__(self) -> "RayCluster":
         ray = self.ray
+        sigterm = signal.getsignal(signal.SIGTERM)
         try:
             if self.address:
                 check_reachable(self.address)
@@ -121,6 +210,9 @@ class RayCluster:
                 ray.init(num_cpus=self.workers or os.cpu_count(), include_dashboard=False, log_to_driver=False)
         except ConnectionError as e:
             raise BadInput(f"--address {self.address}: no Ray cluster reachable ({first_line(e)})") from None
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, sigterm)  # ray.init sets its own: the sweep stops its cells itself
         nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
         for job in self.needs:
             if not any(r.get("CPU", 0) >= job.cpus and r.get("GPU", 0) >= job.gpus for r in nodes):
@@ -140,13 +232,35 @@ class RayCluster:
         ray = self.ray
         task = ray.remote(run_cell)
         user_threads = os.environ.get("OMP_NUM_THREADS")
+        logs = {job.name: _size(job.log) for job in jobs}  # each attempt of a cell opens its log with a line
         pending = {task.options(num_cpus=job.cpus, num_gpus=job.gpus, max_retries=0)
                    .remote(job, user_threads or str(job.cpus)): job for job in jobs}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            job = pending.pop(ready[0])
-            try:
-                result = ray.get(ready[0])
-            except Exception as e:  # the task itself died (node lost, worker killed): the cell failed
-                result = {"status": "failed", "error": f"ray: {type(e).__name__}: {first_line(e)}", "seconds": None}
-            done(job, result)
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                job = pending.pop(ready[0])
+                done(job, self._result(ready[0]))
+        except KeyboardInterrupt:
+            for ref in pending:
+                ray.cancel(ref)  # a running task stops its cell (run_cell's KeyboardInterrupt); a queued one never starts
+            ray.wait(list(pending), num_returns=len(pending), timeout=GRACE + 10)
+            for ref, job in pending.items():
+                result = self._result(ref)
+                if result["status"] != "failed":
+                    done(job, result)
+                elif _size(job.log) > logs[job.name]:  # cancelled once it had started
+                    done(job, {"status": "interrupted", "error": "interrupted", "seconds": None})
+            raise
+
+    def _result(self, ref) -> dict:
+        try:
+            return self.ray.get(ref, timeout=0)
+        except Exception as e:  # the task itself died (node lost, worker killed) or was cancelled: the cell failed
+            return {"status": "failed", "error": f"ray: {type(e).__name__}: {first_line(e)}", "seconds": None}
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
