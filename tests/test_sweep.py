@@ -304,7 +304,7 @@ name = "slow"
 family = "linreg"
 policies = ["replace", "accumulate"]
 seeds = 4
-iterations = 30
+iterations = 20
 [base.linreg]
 d = 3
 T = 10
@@ -462,13 +462,15 @@ def test_the_results_table_names_a_damaged_file_and_leaves_out_only_a_torn_last_
         write_results(out, cells)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_sweep_stops_its_cells_writes_what_is_finished_and_resumes(slow_whole, tmp_path, sig):
+@pytest.mark.parametrize("backend,sig", [("local", signal.SIGINT), ("local", signal.SIGTERM), ("ray", signal.SIGTERM)])
+def test_an_interrupted_sweep_stops_its_cells_writes_what_is_finished_and_resumes(slow_whole, tmp_path, backend, sig):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or SIGTERM (to the sweep alone, as
     a scheduler sends it) while two cells run and one waits."""
+    if backend == "ray":
+        pytest.importorskip("ray")
     (tmp_path / "s.toml").write_text(SLOW)
     out = tmp_path / "out"
-    proc = popen_sweep(tmp_path / "s.toml", "--out", out, "--workers", "2", start_new_session=True)
+    proc = popen_sweep(tmp_path / "s.toml", "--out", out, "--workers", "2", "--backend", backend, start_new_session=True)
     wait_for(out / SLOW_CELLS[0] / "replace" / "seed-0" / "gen-2" / "metrics.json")
     wait_for(out / SLOW_CELLS[1] / "replace" / "seed-0" / "gen-1" / "metrics.json")
     assert len(processes_under(out)) == 3  # the sweep and its two running cells
