@@ -405,3 +405,34 @@ def test_tiny_run_through_the_loop(smiles_file, tmp_path):
     gen = out / "replace" / "seed-0"
     assert (gen / "gen-1" / "synthetic.npz").exists() and (gen / "gen-2" / "samples.png").exists()
     assert (gen / "gen-2" / "model.safetensors").exists()
+
+
+# -- damaged caches and inputs (issue 12) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("part", [".npz", ".json"])
+def test_a_damaged_molecule_cache_is_rebuilt_with_one_line_of_warning(smiles_file, tmp_path, caplog, part):
+    cfg = Config(data=str(smiles_file), max_molecules=6, **TINY)
+    first = Family(cfg, device="cpu", cache_dir=tmp_path).molecules()
+    (entry,) = (tmp_path / "conformer").glob(f"*{part}")
+    entry.write_bytes(entry.read_bytes()[: len(entry.read_bytes()) // 2])
+    caplog.set_level("WARNING", logger="modelcollapse")
+    again = Family(cfg, device="cpu", cache_dir=tmp_path).molecules()
+    assert [g.key for g in again.graphs] == [g.key for g in first.graphs]
+    np.testing.assert_array_equal(np.concatenate(again.pos), np.concatenate(first.pos))
+    warnings = [r.getMessage() for r in caplog.records if r.name == "modelcollapse"]
+    assert len(warnings) == 1 and warnings[0].startswith("rebuilding the cache ") and "\n" not in warnings[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_data_that_is_not_a_regular_file_is_refused_before_it_is_read(tmp_path, kind):
+    import os
+
+    from blocking import within
+
+    path = "/dev/zero" if kind == "/dev/zero" else tmp_path / "drugs.smi"
+    if kind == "fifo":
+        os.mkfifo(path)
+    fam = Family(Config(data=str(path), **TINY), device="cpu", cache_dir=tmp_path / "cache")
+    with within(20), pytest.raises(BadInput, match=f"conformer data file is not a regular file: {path}"):
+        fam.real_data("train", 0)

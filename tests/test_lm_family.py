@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import random
 
 import numpy as np
@@ -372,3 +373,84 @@ def test_quick_lm_run_through_the_loop(tmp_path, monkeypatch):
         assert torch.allclose(hf(ids).logits, ours(ids)[0], atol=1e-4)
     bad = cli("export", out / "accumulate", "--out", tmp_path / "nowhere")
     assert bad.returncode == 2 and "not a generation folder" in bad.stderr
+
+
+# -- damaged caches and inputs (issue 12) ----------------------------------------------------------------------
+
+
+def _story_files(tmp_path):
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("\n".join(json.dumps({"text": s}) for s in STORIES[:30]))
+    test.write_text("\n".join(json.dumps({"text": s}) for s in STORIES[30:]))
+    return Config(data=str(train), test_data=str(test), vocab_size=300, model="llama2-tiny")
+
+
+def _oov(stem):
+    """The shard's tokens, same length, every id 299 + 1 = outside a 300-token vocabulary."""
+    path = stem.with_name(stem.name + ".tokens.npy")
+    np.save(path, np.full(len(np.load(path)), 300, np.load(path).dtype))
+
+
+@pytest.mark.parametrize("damage", ["tokenizer cut short", "tokenizer garbage", "tokens cut short", "offsets garbage",
+                                    "ids outside the vocabulary"])
+def test_a_damaged_cache_is_rebuilt_with_one_line_of_warning(tmp_path, caplog, damage):
+    cfg = _story_files(tmp_path)
+    cache = tmp_path / "cache"
+    fam = Family(cfg, device="cpu", cache_dir=cache)
+    docs = [d.tolist() for d in fam.real_data("train", 0).iter_docs()]
+    tokenizer = next((cache / "lm" / "tokenizers").glob("*.json"))
+    stem = fam.real_data("train", 0).parts[0].stem
+    if damage == "tokenizer cut short":
+        tokenizer.write_bytes(tokenizer.read_bytes()[:1000])
+    elif damage == "tokenizer garbage":
+        tokenizer.write_bytes(b"\x00garbage" * 100)
+    elif damage == "tokens cut short":
+        tokens = stem.with_name(stem.name + ".tokens.npy")
+        tokens.write_bytes(tokens.read_bytes()[:300])
+    elif damage == "offsets garbage":
+        starts = stem.with_name(stem.name + ".starts.npy")
+        np.save(starts, np.load(starts)[::-1].copy())
+    else:
+        _oov(stem)
+    caplog.set_level("WARNING", logger="modelcollapse")
+    again = Family(cfg, device="cpu", cache_dir=cache)
+    assert [d.tolist() for d in again.real_data("train", 0).iter_docs()] == docs
+    warnings = [r.getMessage() for r in caplog.records if r.name == "modelcollapse"]
+    assert len(warnings) == 1 and warnings[0].startswith("rebuilding the cache ") and "\n" not in warnings[0]
+    assert str(tokenizer if "tokenizer" in damage else stem) in warnings[0]
+    caplog.clear()
+    Family(cfg, device="cpu", cache_dir=cache).real_data("train", 0)  # rebuilt for good
+    assert not caplog.records
+
+
+def test_sampled_shards_with_ids_outside_the_vocabulary_are_named(trained, tmp_path):
+    fam, model, train, _, _ = trained
+    fam.sample(model, 1500, train, seed=4, workdir=tmp_path)
+    bad = tmp_path / "sample" / "shard-00001"
+    path = bad.with_name(bad.name + ".tokens.npy")
+    tokens = np.load(path)
+    tokens[7] = fam.config.vocab_size + 3
+    np.save(path, tokens)
+    with pytest.raises(BadInput, match=f"token shard {bad} holds token id {fam.config.vocab_size + 3}, outside the vocabulary of 512 ids"):
+        fam.load_sample(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "fifo in a folder", "/dev/zero", "link to /dev/zero"])
+def test_data_that_is_not_a_regular_file_is_refused_before_it_is_read(tmp_path, kind):
+    from blocking import within
+
+    if kind == "/dev/zero":
+        path = "/dev/zero"
+    elif kind == "link to /dev/zero":
+        path = tmp_path / "zero.txt"
+        path.symlink_to("/dev/zero")
+    else:
+        folder = tmp_path / "data" if kind == "fifo in a folder" else tmp_path
+        folder.mkdir(exist_ok=True)
+        (folder / "a.txt").write_text("Once upon a time.") if kind == "fifo in a folder" else None
+        os.mkfifo(folder / "stories.txt")
+        path = folder if kind == "fifo in a folder" else folder / "stories.txt"
+    fam = Family(Config(data=str(path), vocab_size=300, model="llama2-tiny"), device="cpu", cache_dir=tmp_path / "cache")
+    with within(20), pytest.raises(BadInput, match="data file is not a regular file"):
+        fam.real_data("train", 0)
+    assert not (tmp_path / "cache").exists()

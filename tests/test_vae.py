@@ -146,7 +146,7 @@ def test_celeba_folder_loads_crops_and_caches(tmp_path):
     assert len(list((tmp_path / "cache").glob("vae-celeba-16px-*.npy"))) == 2
     (folder / "img_align_celeba" / "000001.jpg").unlink()  # the cache key reads every image's size...
     again = Family(cfg, device="cpu", cache_dir=tmp_path / "cache")
-    with pytest.raises(BadInput, match="CelebA image missing"):  # ...so a missing image is noticed, cache or not
+    with pytest.raises(BadInput, match="CelebA image not found"):  # ...so a missing image is noticed, cache or not
         again.real_data("train")
 
 
@@ -352,3 +352,55 @@ def test_cli_names_a_bad_idx_folder_in_one_line_and_exits_2(tmp_path, broken):
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert str(folder) in r.stderr and ("not found" if broken == "missing" else "t10k-images") in r.stderr
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+# -- damaged caches and inputs (issue 12) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b"garbage" * 50])
+def test_a_damaged_classifier_cache_is_retrained_with_one_line_of_warning(digits, tmp_path, caplog, damage):
+    import shutil
+
+    digits.classifier()  # trained and cached
+    cache = tmp_path / "cache"
+    shutil.copytree(digits.cache_dir, cache)
+    (saved,) = cache.glob("vae-classifier-*.safetensors")
+    saved.write_bytes(damage(saved.read_bytes()))
+    caplog.set_level("WARNING", logger="modelcollapse")
+    fresh = Family(Config(**TINY), device="cpu", cache_dir=cache)
+    x = digits.real_data("test").x[:50]
+    assert np.array_equal(metrics.embed(fresh.classifier(), x, False)[0], metrics.embed(digits.classifier(), x, False)[0])
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "modelcollapse"]
+    assert warning.startswith(f"rebuilding the cache {saved}: it does not load") and "\n" not in warning
+    caplog.clear()
+    Family(Config(**TINY), device="cpu", cache_dir=cache).classifier()  # retrained once, then loaded
+    assert not caplog.records
+
+
+def test_a_damaged_celeba_cache_is_rebuilt(tmp_path, caplog):
+    folder = fake_celeba(tmp_path / "celeba")
+    cfg = Config(dataset="celeba", data_dir=str(folder), image_size=16, channels=[8, 16])
+    x = Family(cfg, device="cpu", cache_dir=tmp_path / "cache").real_data("train").x
+    for cached in (tmp_path / "cache").glob("vae-celeba-16px-*.npy"):
+        cached.write_bytes(cached.read_bytes()[:100])
+    caplog.set_level("WARNING", logger="modelcollapse")
+    assert np.array_equal(Family(cfg, device="cpu", cache_dir=tmp_path / "cache").real_data("train").x, x)
+    assert len(caplog.records) == 1 and "rebuilding the cache" in caplog.records[0].getMessage()
+
+
+def test_data_files_that_are_not_regular_files_are_refused_before_they_are_read(tmp_path):
+    import os
+
+    from blocking import within
+
+    folder = fake_fashion(tmp_path / "fm", compress=False)
+    (folder / "train-images-idx3-ubyte").unlink()
+    os.mkfifo(folder / "train-images-idx3-ubyte")
+    fam = Family(Config(dataset="fashion-mnist", data_dir=str(folder)), device="cpu", cache_dir=tmp_path)
+    with within(20), pytest.raises(BadInput, match="IDX file is not a regular file: .*train-images-idx3-ubyte"):
+        fam.real_data("train")
+    celeba = fake_celeba(tmp_path / "celeba")
+    (celeba / "list_eval_partition.txt").unlink()
+    os.mkfifo(celeba / "list_eval_partition.txt")
+    with within(20), pytest.raises(BadInput, match="CelebA file is not a regular file: .*list_eval_partition.txt"):
+        Family(Config(dataset="celeba", data_dir=str(celeba), image_size=16, channels=[8, 16]), device="cpu", cache_dir=tmp_path)

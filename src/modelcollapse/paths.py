@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from modelcollapse.errors import BadInput
+
+log = logging.getLogger("modelcollapse")
 
 
 def regular_file(path: Path, what: str) -> Path:
@@ -41,3 +44,10 @@ def make_dir(path: Path, flag: str = "--out") -> Path:
     except OSError as e:
         raise BadInput(f"{flag} {path}: cannot create it ({e.strerror or e})") from None
     return Path(path)
+
+
+def rebuilding(cache: Path, error: BaseException | str) -> None:
+    """Say in one line that a cache entry did not load (truncated, garbage, another version's) and is built
+    again: a cache is never a reason to fail."""
+    why = (str(error).strip().splitlines() or [type(error).__name__])[0] if isinstance(error, BaseException) else error
+    log.warning("rebuilding the cache %s: it does not load (%s)", cache, why)

@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from rdkit import Chem, RDConfig, RDLogger, rdBase
 from rdkit.Chem import rdDistGeom
 from tqdm import tqdm
 
+from modelcollapse import paths
 from modelcollapse.errors import BadInput
 from modelcollapse.store import atomic_write_bytes, atomic_write_json
 
@@ -174,7 +176,7 @@ def load_set(stem: Path) -> ConformerSet:
         blocks = [(g["name"], g["molblock"]) for g in json.loads(stem.with_suffix(".json").read_text())["graphs"]]
         with np.load(stem.with_suffix(".npz"), allow_pickle=False) as z:
             graph_idx, n_atoms, flat = z["graph_idx"].astype(np.int64), z["n_atoms"], z["pos"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
         raise BadInput(f"cannot read conformer set {stem}.npz/.json: {e}") from None
     graphs = []
     for name, block in blocks:
@@ -212,8 +214,7 @@ def resolve_source(data: str) -> tuple[Path, str]:
             if (folder / "summary_drugs.json").is_file():
                 return folder, "geom"
         raise BadInput(f"conformer data folder {path}: no summary_drugs.json (expected GEOM's rdkit_folder)")
-    if not path.is_file():
-        raise BadInput(f"conformer data file not found: {path}")
+    paths.regular_file(path, "conformer data file")  # before it is read: a FIFO would block for ever
     if path.suffix.lower() == ".sdf":
         return path, "sdf"
     if path.suffix.lower() in SMILES_SUFFIXES:
@@ -337,6 +338,8 @@ def _geom(folder: Path, min_atoms: int, max_atoms: int, max_molecules: int,
                 break
             target = Chem.MolFromSmiles(smiles)
             try:
+                if not (folder / entry["pickle_path"]).is_file():  # missing, or a FIFO that would block for ever
+                    raise OSError("not a regular file")
                 with open(folder / entry["pickle_path"], "rb") as f:
                     confs = pickle.load(f)["conformers"]
                 confs = sorted(confs, key=lambda c: -c.get("boltzmannweight", 0.0))
@@ -393,7 +396,7 @@ def load_molecules(data: str, *, min_atoms: int, max_atoms: int, max_molecules: 
         try:
             return load_set(stem)
         except BadInput as e:
-            log.warning("rebuilding a corrupt cache entry: %s", e)
+            paths.rebuilding(stem, e)
     if kind == "geom":
         mols = _geom(path, min_atoms, max_atoms, max_molecules, confs_per_mol)
     else:

@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from modelcollapse import distributed
+from modelcollapse import distributed, paths
 from modelcollapse.errors import BadInput
 from modelcollapse.families import DataUnavailable, common
 from modelcollapse.families.lm import data as text
 from modelcollapse.families.lm import train as loops
-from modelcollapse.families.lm.shards import TokenSet, shard_exists, token_dtype, write_shard
+from modelcollapse.families.lm.shards import TokenSet, shard_exists, token_dtype, verify, write_shard
 from modelcollapse.store import atomic_write_bytes, atomic_write_json
 
 PRIMARY_METRIC = "test_ce"
@@ -162,10 +162,15 @@ class Family:
         return chunk
 
     def _tokenize(self, stories: list[str]) -> TokenSet:
-        """The stories as one shard `BOS text EOS` per story, cached by content and tokenizer."""
+        """The stories as one shard `BOS text EOS` per story, cached by content and tokenizer (and written
+        again when the cached one is damaged)."""
         stem = self.cache_dir / "lm" / "shards" / text.digest(stories, self.tokenizer_path_.name)
-        if not shard_exists(stem):
-            write_shard(stem, self._encode(stories), token_dtype(self.config.vocab_size))
+        if shard_exists(stem):
+            try:
+                return verify(TokenSet.open([stem]), self.config.vocab_size)
+            except BadInput as e:
+                paths.rebuilding(stem, e)
+        write_shard(stem, self._encode(stories), token_dtype(self.config.vocab_size))
         return TokenSet.open([stem])
 
     def _encode(self, stories: list[str]):
@@ -222,7 +227,7 @@ class Family:
         return loops.sample_shards(model, size, c, c.vocab_size, self.bos_, self.eos_, seed, Path(workdir) / "sample", self.device)
 
     def load_sample(self, workdir: Path) -> TokenSet:
-        return loops.load_shards(Path(workdir) / "sample")
+        return verify(loops.load_shards(Path(workdir) / "sample"), self.config.vocab_size)
 
     def save_model(self, model, workdir: Path) -> None:
         """model.safetensors, model.json (the shape, to rebuild it) and the tokenizer beside them."""

@@ -32,6 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from modelcollapse import paths
 from modelcollapse.errors import BadInput
 
 BOS, EOS = "<|bos|>", "<|eos|>"  # ids 0 and 1 of every tokenizer made here
@@ -152,6 +153,8 @@ def read_path(spec: str) -> Iterator[str]:
     if not files:
         raise BadInput(f"data folder {path} holds no {', '.join(SUFFIXES)} files")
     for f in files:
+        paths.regular_file(f, "data file")  # before it is opened: a FIFO blocks for ever, /dev/zero never ends
+    for f in files:
         yield from read_file(f)
 
 
@@ -243,7 +246,13 @@ def train_tokenizer(stories: list[str], vocab_size: int, cache_dir: Path):
 
     path = Path(cache_dir) / "lm" / "tokenizers" / f"bpe-{digest(stories, 'bpe-v1', vocab_size)}.json"
     if path.exists():
-        return Tokenizer.from_file(str(path)), path
+        try:
+            tok = Tokenizer.from_file(str(path))
+            if tok.token_to_id(BOS) != 0 or tok.token_to_id(EOS) != 1 or tok.get_vocab_size() > vocab_size:
+                raise ValueError(f"not a BPE of at most {vocab_size} tokens with {BOS}, {EOS} as ids 0, 1")
+            return tok, path
+        except Exception as e:  # tokenizers raises a plain Exception for a file it cannot parse
+            paths.rebuilding(path, e)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

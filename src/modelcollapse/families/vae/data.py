@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modelcollapse import paths
 from modelcollapse.errors import BadInput
 from modelcollapse.families import DataUnavailable
 from modelcollapse.seeding import rng
@@ -174,8 +175,8 @@ def _find_idx(folder: Path, stem: str, dims: int) -> Path:
     names = [f"{stem}-idx{dims}-ubyte", f"{stem}.idx{dims}-ubyte"]  # the second is how some mirrors name them
     for name in names:
         for path in (folder / name, folder / f"{name}.gz"):
-            if path.is_file():
-                return path
+            if path.exists():
+                return paths.regular_file(path, "IDX file")  # before it is read: a FIFO would block for ever
     raise BadInput(f"{folder}: missing IDX file {names[0]} (or {names[0]}.gz)")
 
 
@@ -203,8 +204,9 @@ def celeba_index(folder: Path) -> tuple[tuple[str, ...], list[str], np.ndarray, 
         raise BadInput(f"CelebA folder not found: {folder}")
     attr_path, part_path = folder / "list_attr_celeba.txt", folder / "list_eval_partition.txt"
     for p in (attr_path, part_path):
-        if not p.is_file():
+        if not p.exists():
             raise BadInput(f"CelebA folder {folder} has no {p.name}")
+        paths.regular_file(p, "CelebA file")
     lines = attr_path.read_text().split("\n")
     names = tuple(lines[1].split()) if len(lines) > 1 else ()
     if not names:
@@ -260,14 +262,17 @@ def load_celeba_images(folder: Path, files: list[str], size: int, crop: int, cac
     from tqdm import tqdm
 
     image_dir = celeba_image_dir(folder)
-    try:
-        sizes = [(image_dir / f).stat().st_size for f in files]
-    except FileNotFoundError as e:
-        raise BadInput(f"CelebA image missing: {e.filename}") from None
+    sizes = [paths.regular_file(image_dir / f, "CelebA image").stat().st_size for f in files]
     key = hashlib.sha256(json.dumps([files, sizes, size, crop]).encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"vae-celeba-{size}px-{key}.npy"
     if cache.is_file():
-        return np.load(cache)
+        try:
+            x = np.load(cache)
+            if x.shape == (len(files), 3, size, size) and x.dtype == np.uint8:
+                return x
+            paths.rebuilding(cache, f"shape {x.shape} {x.dtype}, expected {(len(files), 3, size, size)} uint8")
+        except (OSError, ValueError, EOFError) as e:
+            paths.rebuilding(cache, e)
     x = np.empty((len(files), 3, size, size), dtype=np.uint8)
     for i, f in enumerate(tqdm(files, desc=f"CelebA {size}px", disable=None, leave=False)):
         try:

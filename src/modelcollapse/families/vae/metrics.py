@@ -35,6 +35,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
+from modelcollapse import paths
 from modelcollapse.store import atomic_write_bytes, atomic_write_json
 
 from .data import Images
@@ -101,8 +102,11 @@ def cached_classifier(train: Images, n_out: int, multilabel: bool, steps: int, d
     path = Path(cache_dir) / f"vae-classifier-{key}.safetensors"
     model = Classifier(train.x.shape[1], n_out)
     if path.is_file():
-        model.load_state_dict(load_safetensors(path.read_bytes()))
-        return model.to(device).eval()
+        try:
+            model.load_state_dict(load_safetensors(path.read_bytes()))
+            return model.to(device).eval()
+        except Exception as e:  # truncated or garbage (safetensors' own error type), or other shapes (RuntimeError)
+            paths.rebuilding(path, e)
     model = train_classifier(train, n_out, multilabel, steps, device)
     atomic_write_bytes(path, save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
     atomic_write_json(path.with_suffix(".json"), spec)
