@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -374,6 +375,27 @@ def test_quick_lm_run_through_the_loop(tmp_path, monkeypatch):
     bad = cli("export", out / "accumulate", "--out", tmp_path / "nowhere")
     assert bad.returncode == 2 and "not a generation folder" in bad.stderr
 
+    # an --out that exists (a file, a folder with files) or a generation without its tokenizer: one line, exit 2,
+    # nothing written; an empty folder is filled
+    (tmp_path / "taken.txt").write_text("keep")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine").write_text("keep")
+    (tmp_path / "empty").mkdir()
+    shutil.copytree(out, tmp_path / "copy")
+    (tmp_path / "copy" / "accumulate" / "seed-0" / "gen-2" / "tokenizer.json").unlink()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for gen, target, needle in ((gen2, tmp_path / "taken.txt", "exists and is not a directory"),
+                                (gen2, tmp_path / "full", "is a directory that is not empty"),
+                                (tmp_path / "copy" / "accumulate" / "seed-0" / "gen-2", tmp_path / "new", "holds no tokenizer.json")):
+        r = cli("export", gen, "--out", target)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+        assert "Traceback" not in r.stderr and r.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no half export, no staging folder left
+    assert (tmp_path / "taken.txt").read_text() == "keep" and [p.name for p in (tmp_path / "full").iterdir()] == ["mine"]
+    r = cli("export", gen2, "--out", tmp_path / "empty")
+    assert r.returncode == 0 and r.stdout == f"exported: {tmp_path / 'empty'}\n", r.stderr
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "empty") is not None
+
 
 # -- damaged caches and inputs (issue 12) ----------------------------------------------------------------------
 
@@ -454,3 +476,21 @@ def test_data_that_is_not_a_regular_file_is_refused_before_it_is_read(tmp_path, 
     with within(20), pytest.raises(BadInput, match="data file is not a regular file"):
         fam.real_data("train", 0)
     assert not (tmp_path / "cache").exists()
+
+
+def test_an_hf_dataset_that_cannot_be_reached_fails_in_one_line_at_once(tmp_path, monkeypatch):
+    """Offline (here: a Hub address where nothing listens, on any machine) and not in the local cache: one
+    line, not half a minute of retries and a dozen lines of them."""
+    from conftest import cli
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_DATASETS_CACHE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('name = "hf"\nfamily = "lm"\npolicies = ["replace"]\niterations = 1\nseeds = 1\ndevice = "cpu"\n'
+                   '[lm]\ndata = "hf:roneneldan/TinyStories"\nmodel = "llama2-tiny"\nvocab_size = 300\n')
+    r = cli("run", cfg, "--out", tmp_path / "out", timeout=60)
+    assert r.returncode == 2 and r.stderr == ("error: cannot load Hugging Face dataset 'roneneldan/TinyStories' split "
+                                              "'train': offline, and it is not in the local Hugging Face cache\n"), r.stderr
+    assert not (tmp_path / "out").exists()

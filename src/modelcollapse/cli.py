@@ -138,18 +138,25 @@ def export(
     gen_dir: Path = typer.Argument(..., help="a generation's folder: DIR/<policy>/seed-<s>/gen-<n>"),
     out: Path = typer.Option(..., "--out", help="where to write the exported model"),
 ):
-    """Export a generation's model to the format its field uses (lm: Hugging Face transformers)."""
+    """Export a generation's model to the format its field uses (lm: Hugging Face transformers). OUT must be
+    new or an empty folder; it appears whole or not at all."""
+    from modelcollapse import paths
     from modelcollapse.families import load_family
     from modelcollapse.store import read_json
 
     manifest = Path(gen_dir).resolve().parents[2] / "manifest.json" if len(Path(gen_dir).resolve().parents) > 2 else None
     if manifest is None or not manifest.exists():
         raise BadInput(f"export: {gen_dir} is not a generation folder of a run directory (no manifest.json above it)")
-    family = read_json(manifest)["config"]["family"]
+    try:
+        family = read_json(manifest)["config"]["family"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BadInput(f"export: {manifest} is damaged ({type(e).__name__}: {e})") from None
     spec = load_family(family)
     if spec.export is None:
         raise BadInput(f"export: the {family} family has no export format")
-    typer.echo(f"exported: {spec.export(Path(gen_dir), out)}")
+    with paths.staged_dir(out) as staging:
+        spec.export(Path(gen_dir), staging)
+    typer.echo(f"exported: {out}")
 
 
 @app.command()

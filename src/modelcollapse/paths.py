@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from modelcollapse.errors import BadInput
@@ -44,6 +47,23 @@ def make_dir(path: Path, flag: str = "--out") -> Path:
     except OSError as e:
         raise BadInput(f"{flag} {path}: cannot create it ({e.strerror or e})") from None
     return Path(path)
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path, flag: str = "--out"):
+    """Yield a new folder beside `out` to fill; on success it becomes `out` in one rename, on any error it is
+    removed: `out` is never left half written. `out` must not exist yet, or be an empty folder."""
+    out = out_dir(out, flag)
+    if out.is_dir() and any(out.iterdir()):
+        raise BadInput(f"{flag} {out}: is a directory that is not empty; give a new one")
+    make_dir(out.parent, flag)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.replace(tmp, out)  # onto an empty folder too (POSIX rename replaces an empty directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def rebuilding(cache: Path, error: BaseException | str) -> None:

@@ -258,8 +258,9 @@ def export(gen_dir: Path, out_dir: Path) -> Path:
     from modelcollapse.families.lm.export import export_hf
 
     gen_dir = Path(gen_dir)
-    if not (gen_dir / "model.safetensors").exists():
-        raise BadInput(f"{gen_dir} holds no lm model (model.safetensors); give a gen-<n> folder of an lm run")
+    for name in ("model.safetensors", "model.json", "tokenizer.json"):  # all there before anything is written
+        if not (gen_dir / name).is_file():
+            raise BadInput(f"{gen_dir} holds no {name}; give a finished gen-<n> folder of an lm run")
     model = Family(Config.model_construct(), device="cpu").load_model(gen_dir)
     out = export_hf(model, out_dir, bos_id=0, eos_id=1)
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(gen_dir / "tokenizer.json"), bos_token=text.BOS, eos_token=text.EOS)

@@ -24,9 +24,16 @@ their first 80 characters with a test story only share a formulaic opening).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
+import socket
+import sys
+import threading
+import urllib.parse
+import urllib.request
 import uuid
 from importlib import resources
 from pathlib import Path
@@ -158,16 +165,53 @@ def read_path(spec: str) -> Iterator[str]:
         yield from read_file(f)
 
 
+def hub_answers(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub (HF_ENDPOINT), or the proxy in front of it, accepts a connection within
+    `timeout` seconds, name lookup included."""
+    proxy = urllib.request.getproxies().get("https")
+    url = urllib.parse.urlsplit(proxy or os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    answered = []
+
+    def probe():
+        with contextlib.suppress(OSError, ValueError):
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            answered.append(True)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
+def offline_unless_the_hub_answers() -> bool:
+    """Put the Hugging Face libraries offline when the Hub does not answer, so that a dataset in the local
+    cache still loads and a missing one fails at once (online they retry for half a minute). True if offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    if hub_answers():
+        return False
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    for module in ("huggingface_hub.constants", "datasets.config"):  # they read it once, when imported
+        if module in sys.modules:
+            sys.modules[module].HF_HUB_OFFLINE = True
+    return True
+
+
 def read_hf(name: str, split: str) -> Iterator[str]:
     """Raw stories of a Hugging Face dataset split (column "text"), streamed from its local cache."""
     try:
-        import datasets
+        import datasets  # noqa: F401  (only to say, before anything else, when it is missing)
     except ImportError:
         raise BadInput(f"data 'hf:{name}' needs the `datasets` package: pip install 'modelcollapse[hf]'") from None
+    offline = not Path(name).exists() and offline_unless_the_hub_answers()
+    import datasets
+
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, unknown name, missing split: all surface as different types
-        raise BadInput(f"cannot load Hugging Face dataset {name!r} split {split!r}: {str(e).splitlines()[0]}") from None
+        why = "offline, and it is not in the local Hugging Face cache" if offline else str(e).splitlines()[0]
+        raise BadInput(f"cannot load Hugging Face dataset {name!r} split {split!r}: {why}") from None
     if "text" not in ds.column_names:
         raise BadInput(f"Hugging Face dataset {name!r} has no \"text\" column (columns: {ds.column_names})")
     for batch in ds.iter(batch_size=8192):
