@@ -46,7 +46,7 @@ import tomli_w
 from modelcollapse import config as configlib
 from modelcollapse import paths
 from modelcollapse.errors import BadInput
-from modelcollapse.store import RunDir, atomic_write_bytes, atomic_write_json, now, read_json
+from modelcollapse.store import RunDir, RunView, atomic_write_bytes, atomic_write_json, now, read_json
 from modelcollapse.sweep_backends import Job, RayCluster, run_local
 
 BACKENDS = ("local", "ray")
@@ -304,12 +304,13 @@ def finished(run_dir: Path) -> tuple[bool, str | None]:
         return False, None
     if not (run_dir / "metrics.jsonl").is_file():
         return False, f"{run_dir / 'metrics.jsonl'} is missing"
+    view = RunView(run_dir, {}, "")  # reads the run's finished units, writes nothing
     try:
         rows = metric_rows(run_dir)
-        units = [RunDir.finished(p.parent) for p in run_dir.glob("*/**/metrics.json")]
-        if not all(isinstance(u, list) for u in units):
+        units = [view.finished(p.parent) for p in run_dir.glob("*/**/metrics.json")]
+        if any(u is None for u in units):
             raise ValueError(f"a generation's metrics.json in {run_dir} is damaged")
-    except ValueError as e:
+    except ValueError as e:  # BadInput too: a unit's recorded file that changed
         return False, str(e)
     key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
     if Counter(map(key, rows)) != Counter(key(r) for u in units for r in u):
