@@ -210,8 +210,8 @@ def test_a_usage_error_is_one_line_not_a_usage_box(tmp_path, args, needle):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_run_says_how_to_resume_in_one_line(tmp_path, sig):
-    """Ctrl-C and SIGTERM (what Slurm and Kubernetes send) stop a run the same way: its handlers run (the
-    manifest is no longer `running`), one line says what to do, exit 128 + the signal; the same command resumes."""
+    """Ctrl-C and SIGTERM (what Slurm and Kubernetes send) stop a run the same way: its manifest says
+    `interrupted`, one line says what to do, exit 128 + the signal; the same command resumes."""
     cfg = tmp_path / "c.toml"
     cfg.write_text(GOOD.replace("seeds = 4", "seeds = 30").replace("iterations = 3", "iterations = 30") + 'method = "loop"\n')
     out = tmp_path / "out"
@@ -226,7 +226,7 @@ def test_an_interrupted_run_says_how_to_resume_in_one_line(tmp_path, sig):
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig
     assert stderr == f"interrupted ({sig.name}): run the same command again to resume\n" and stdout == ""
-    assert json.loads((out / "manifest.json").read_text())["status"] != "running"
+    assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
     r = cli("run", cfg, "--out", out)
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "manifest.json").read_text())["status"] == "done"
