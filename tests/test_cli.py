@@ -213,7 +213,7 @@ def test_an_interrupted_run_says_how_to_resume_in_one_line(tmp_path, sig):
     """Ctrl-C and SIGTERM (what Slurm and Kubernetes send) stop a run the same way: its manifest says
     `interrupted`, one line says what to do, exit 128 + the signal; the same command resumes."""
     cfg = tmp_path / "c.toml"
-    cfg.write_text(GOOD.replace("seeds = 4", "seeds = 30").replace("iterations = 3", "iterations = 30") + 'method = "loop"\n')
+    cfg.write_text(GOOD.replace("seeds = 4", "seeds = 8").replace("iterations = 3", "iterations = 20") + 'method = "loop"\n')
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "modelcollapse", "run", str(cfg), "--out", str(out)], env=env,
