@@ -44,7 +44,8 @@ def read_columns(run_dir: Path) -> dict[str, np.ndarray]:
         return {"policy": np.array([], dtype=object), "seed": np.array([], dtype=np.int64), "iteration": np.array([], dtype=np.int64),
                 "metric": np.array([], dtype=object), "value": np.array([])}
     try:
-        table = pajson.read_json(path)
+        with open(path, "rb") as f:  # opened here: Arrow takes a path as UTF-8, which a path need not be
+            table = pajson.read_json(f)
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"{path}: {e}") from None
     missing = [n for n in names if n not in table.column_names]
