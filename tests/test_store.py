@@ -293,3 +293,37 @@ def test_row_lines_are_json_dumps_of_the_rows():
     batch = storelib.batch_lines("a\"b", [1, 2], 5, {"x": [0.5, 2.0], "y": [1e-9, 7.25]})
     assert [json.loads(line) for line in batch] == [dict(policy='a"b', seed=s, iteration=5, metric=m, value=v)
                                                     for s, vals in ((1, (0.5, 1e-9)), (2, (2.0, 7.25))) for m, v in zip("xy", vals)]
+
+
+def test_a_full_disk_is_one_line_from_the_command_line(tmp_path, monkeypatch, capsys):
+    from modelcollapse import cli as clilib
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(LOOP)
+    real, calls = storelib.atomic_write_bytes, [0]
+
+    def fills_up(path, data):
+        calls[0] += 1
+        if calls[0] > 6:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(storelib, "atomic_write_bytes", fills_up)
+    monkeypatch.setattr(sys, "argv", ["modelcollapse", "run", str(cfg), "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as e:
+        clilib.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "No space left on device" in err[0] and "resume" in err[0], err
+
+
+def test_version_a_deep_override_and_a_foreign_manifest_are_one_line(tmp_path):
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"modelcollapse {__import__('modelcollapse').__version__}"
+    (tmp_path / "c.toml").write_text(LOOP)
+    r = cli("run", tmp_path / "c.toml", "--set", "x=" + "[" * 5000 + "]" * 5000)
+    assert r.returncode == 2 and "nested too deep" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (tmp_path / "run").mkdir()
+    for manifest in ("[]", "null", '{"config": 3}'):
+        (tmp_path / "run" / "manifest.json").write_text(manifest)
+        r = cli("report", tmp_path / "run", "--out", tmp_path / "rep")
+        assert r.returncode == 2 and "not a modelcollapse manifest" in r.stderr and "Traceback" not in r.stderr, r.stderr

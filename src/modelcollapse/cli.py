@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 import sys
@@ -15,6 +16,19 @@ from modelcollapse.errors import BadInput, RunFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Model-fitting feedback loops, and whether the models collapse.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from modelcollapse import __version__
+
+        typer.echo(f"modelcollapse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit")):
+    """Model-fitting feedback loops, and whether the models collapse."""
 
 
 class Backend(str, Enum):
@@ -218,6 +232,10 @@ def main() -> None:
         code = _fail(" ".join(e.format_message().split()) + hint)
     except KeyboardInterrupt:
         code = 130
+    except OSError as e:  # a full disk: say so in one line; the run stays resumable
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        code = _fail(f"{e.strerror} ({e.filename}); free some space and run the same command again to resume", 1)
     if _received:
         name = signal.Signals(_received[0]).name
         print(f"interrupted ({name}): run the same command again to resume", file=sys.stderr)

@@ -140,6 +140,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:
+        raise BadInput(f"--set {key.strip()}: the value is nested too deep") from None
     return key.strip(), value
 
 

@@ -60,8 +60,11 @@ class Run:
         try:
             self.manifest = read_json(path / "manifest.json")
             self.columns = read_columns(path)
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             raise BadInput(f"report: {path} has a corrupt manifest or metrics file ({e})") from None
+        cfg = self.manifest.get("config") if isinstance(self.manifest, dict) else None
+        if not (isinstance(cfg, dict) and {"name", "family", "policies", "seeds"} <= set(cfg)):
+            raise BadInput(f"report: {path / 'manifest.json'} is not a modelcollapse manifest")
         self.n_rows = len(self.columns["value"])
         self._tables: dict = {}
         cfg = self.manifest["config"]
