@@ -150,3 +150,27 @@ def test_real_weight_per_policy_is_labelled_and_changes_the_chain(tmp_path):
     last = {p: np.mean([r["value"] for r in rows if r["policy"] == p and r["iteration"] == 4 and r["metric"] == "test_error"])
             for p in ("fresh-0.25", "fresh-0.25+w0.8")}
     assert last["fresh-0.25"] != last["fresh-0.25+w0.8"]
+
+
+# -- the vae's classifier confidence and weights ---------------------------------------------------------------
+
+
+def test_vae_selection_by_a_verifier_classifier_and_its_real_weight(tmp_path, monkeypatch):
+    """The verifier is a classifier of its own (not the judge); selection keeps the images it is surest of; a
+    real weight reaches the fit as per-image loss weights."""
+    from modelcollapse.families import vae
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    table = dict(dataset="digits", channels=[8, 16], latent_dim=4, epochs=2, classifier_steps=50, eval_samples=100)
+    raw = {"name": "v", "family": "vae", "iterations": 2, "seeds": 1, "device": "cpu", "vae": table,
+           "policies": [{"name": "replace", "select": {"name": "top-fraction", "score": "classifier_confidence", "oversample": 2}},
+                        {"name": "mix", "real_fraction": 0.5, "real_weight": 0.8}]}
+    out = run_experiment(configlib.from_dict(raw), tmp_path / "run", progress=False)
+    rows = {(r["policy"], r["iteration"], r["metric"]): r["value"] for r in read_metrics(out)}
+    assert rows["replace+top-fraction-classifier_confidence-x2", 1, "select_kept_frac"] == 0.5
+    assert rows["replace+top-fraction-classifier_confidence-x2", 1, "select_score_kept"] > rows["replace+top-fraction-classifier_confidence-x2", 1, "select_score_rejected"]
+    family = vae.Family(vae.Config(**table), device="cpu", cache_dir=tmp_path / "cache")
+    judge, verifier = family.classifier("judge"), family.classifier("verifier")
+    assert not all(np.array_equal(a.detach(), b.detach()) for a, b in zip(judge.parameters(), verifier.parameters()))
+    w = vae.example_weights(np.array([True] * 3 + [False] * 9), 0.8)
+    assert w.mean() == pytest.approx(1) and w[:3].sum() / w.sum() == pytest.approx(0.8)

@@ -38,6 +38,8 @@ from .data import Images
 from .model import VAE, VAEConfig
 
 PRIMARY_METRIC = "test_nelbo"
+SCORES = {"classifier_confidence": "the probability a verifier classifier, trained on the real images apart from the "
+                                   "judge of the metrics, gives its most likely class"}
 NATIVE_SIZE = {"digits": 8, "mnist5k": 28, "mnist": 28, "fashion-mnist": 28}
 
 
@@ -86,7 +88,18 @@ class Config(BaseModel):
         return self
 
 
+def example_weights(is_real: np.ndarray, real_weight: float | None) -> np.ndarray:
+    """Per-example loss weights, mean 1, giving the real examples a share `real_weight` of the total (all 1
+    without a weight, or where a set holds only real or only synthetic examples)."""
+    n, n_real = len(is_real), int(is_real.sum())
+    if real_weight is None or n_real in (0, n):
+        return np.ones(n, dtype=np.float32)
+    return np.where(is_real, n * real_weight / n_real, n * (1 - real_weight) / (n - n_real)).astype(np.float32)
+
+
 class Family:
+    weights_real = True
+
     def __init__(self, config: Config, *, device: str = "cpu", cache_dir: Path | None = None):
         self.config = config
         self.device = device
@@ -116,9 +129,12 @@ class Family:
         sigma = None if c.decoder == "bernoulli" or c.sigma == "learned" else c.sigma
         return VAEConfig(src.channels, src.size, tuple(c.channels), c.latent_dim, c.decoder, sigma)
 
-    def fit(self, train: Images, seed: int, workdir: Path) -> VAE:
-        """A fresh VAE, `epochs` passes of Adam over `train`. Its mean loss over the last epoch is `train_nelbo_`."""
+    def fit(self, train: Images, seed: int, workdir: Path, real_weight: float | None = None) -> VAE:
+        """A fresh VAE, `epochs` passes of Adam over `train`. Its mean loss over the last epoch is `train_nelbo_`.
+        With `real_weight` w, each image's loss is weighted so that the real images carry a share w of the
+        epoch's loss and the synthetic ones 1 − w (the weights average to 1: the learning rate keeps its meaning)."""
         c = self.config
+        weights = torch.from_numpy(example_weights(train.is_real, real_weight)).to(self.device)
         g = torch.Generator().manual_seed(seed)  # init and batch order
         noise_g = torch.Generator(self.device).manual_seed(seed)  # the reparameterisation draws
         model = VAE(self.model_config()).init_weights(g).to(self.device).train()
@@ -130,11 +146,12 @@ class Family:
             perm = torch.randperm(n, generator=g).to(self.device)
             total = 0.0
             for i in range(0, n, c.batch_size):
-                xb = x[perm[i : i + c.batch_size]].float() / 255.0  # (B, C, H, W)
+                idx = perm[i : i + c.batch_size]
+                xb = x[idx].float() / 255.0  # (B, C, H, W)
                 noise = torch.randn(len(xb), c.latent_dim, generator=noise_g, device=self.device)
                 with common.autocast(self.device):
                     _, rec, kl = model(xb, noise)
-                loss = (rec + kl).mean()
+                loss = ((rec + kl) * weights[idx]).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -168,14 +185,25 @@ class Family:
         return torch.cat(out).numpy()
 
     # -- evaluation -------------------------------------------------------------------------------------
-    def classifier(self) -> metrics.Classifier:
-        """The judge: trained once on the real training labels, cached in cache_dir by the data's hash."""
-        if not hasattr(self, "classifier_"):
+    def classifier(self, role: str = "judge") -> metrics.Classifier:
+        """The judge of the metrics, or the verifier a selection stage curates with: two classifiers trained
+        once on the real training labels from different seeds, cached in cache_dir by the data's hash."""
+        if not hasattr(self, f"{role}_"):
             src = self.source
-            self.classifier_ = metrics.cached_classifier(
+            setattr(self, f"{role}_", metrics.cached_classifier(
                 self.real_data("train"), len(src.names), src.multilabel, self.config.classifier_steps,
-                self.device, self.cache_dir)  # fmt: skip
-        return self.classifier_
+                self.device, self.cache_dir, seed={"judge": 0, "verifier": 1}[role]))  # fmt: skip
+        return getattr(self, f"{role}_")
+
+    # -- selection ----------------------------------------------------------------------------------------
+    def score(self, images: Images, name: str, model, reference, seed) -> np.ndarray:
+        """classifier_confidence: the verifier's probability of its most likely class (for attributes, its
+        mean confidence over them), per image."""
+        _, probs = metrics.embed(self.classifier("verifier"), images.x, self.source.multilabel)
+        return np.maximum(probs, 1 - probs).mean(1) if self.source.multilabel else probs.max(1)
+
+    def take(self, images: Images, indices: np.ndarray) -> Images:
+        return images[np.asarray(indices)]
 
     def evaluate(self, model: VAE, test: Images, seed: int, workdir: Path) -> dict[str, float]:
         c, src = self.config, self.source

@@ -42,18 +42,23 @@ FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal"
 class Images:
     x: np.ndarray  # (N, C, H, W) uint8
     y: np.ndarray | None = None  # (N,) int64 classes or (N, A) uint8 attributes; None for synthetic images
+    real: np.ndarray | None = None  # (N,) bool, which images are real; None: all of them if labelled, else none
 
     def __len__(self) -> int:
         return len(self.x)
 
+    @property
+    def is_real(self) -> np.ndarray:
+        return self.real if self.real is not None else np.full(len(self.x), self.y is not None)
+
     def __getitem__(self, idx) -> Images:
-        return Images(self.x[idx], None if self.y is None else self.y[idx])
+        return Images(self.x[idx], None if self.y is None else self.y[idx], self.is_real[idx])
 
     @staticmethod
     def concat(sets: list[Images]) -> Images:
         ys = [s.y for s in sets]
         y = None if any(v is None for v in ys) else np.concatenate(ys)  # synthetic images carry no labels
-        return Images(np.concatenate([s.x for s in sets]), y)
+        return Images(np.concatenate([s.x for s in sets]), y, np.concatenate([s.is_real for s in sets]))
 
     def digest(self) -> str:
         h = hashlib.sha256(np.ascontiguousarray(self.x).tobytes())

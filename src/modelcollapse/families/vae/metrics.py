@@ -67,9 +67,10 @@ def _as_float(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.float() / 255.0
 
 
-def train_classifier(train: Images, n_out: int, multilabel: bool, steps: int, device: str) -> Classifier:
-    """Fit the classifier on real labelled images, always from seed 0 (it is the fixed judge of every run)."""
-    g = torch.Generator().manual_seed(0)
+def train_classifier(train: Images, n_out: int, multilabel: bool, steps: int, device: str, seed: int = 0) -> Classifier:
+    """Fit the classifier on real labelled images, always from the same seed: 0 for the fixed judge of every
+    run, 1 for the verifier a selection stage may curate with (so the judge is not the curator)."""
+    g = torch.Generator().manual_seed(seed)
     model = Classifier(train.x.shape[1], n_out)
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -94,10 +95,12 @@ def train_classifier(train: Images, n_out: int, multilabel: bool, steps: int, de
     return model.eval()
 
 
-def cached_classifier(train: Images, n_out: int, multilabel: bool, steps: int, device: str, cache_dir: Path) -> Classifier:
+def cached_classifier(train: Images, n_out: int, multilabel: bool, steps: int, device: str, cache_dir: Path, seed: int = 0) -> Classifier:
     """The classifier for this real training set, from cache_dir when one was trained on the same data before,
-    so every generation and every run is judged by the same network."""
+    so every generation and every run is judged by the same network (seed 0; the verifier is seed 1)."""
     spec = {"version": CLASSIFIER_VERSION, "data": train.digest(), "n_out": n_out, "multilabel": multilabel, "steps": steps}
+    if seed:
+        spec["seed"] = seed
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"vae-classifier-{key}.safetensors"
     model = Classifier(train.x.shape[1], n_out)
@@ -107,7 +110,7 @@ def cached_classifier(train: Images, n_out: int, multilabel: bool, steps: int, d
             return model.to(device).eval()
         except Exception as e:  # truncated or garbage (safetensors' own error type), or other shapes (RuntimeError)
             paths.rebuilding(path, e)
-    model = train_classifier(train, n_out, multilabel, steps, device)
+    model = train_classifier(train, n_out, multilabel, steps, device, seed)
     atomic_write_bytes(path, save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
     atomic_write_json(path.with_suffix(".json"), spec)
     return model
