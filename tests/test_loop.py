@@ -212,3 +212,18 @@ def test_fresh_without_enough_real_data_is_refused_before_anything_is_written(tm
     with pytest.raises(BadInput, match="only three real draws"):
         run_experiment(make(policies=[{"name": "fresh", "real_fraction": 0.5}], iterations=5), tmp_path / "no", progress=False)
     assert not (tmp_path / "no").exists()
+
+
+def test_a_vectorised_unit_in_groups_of_seeds_equals_one_seed_at_a_time_and_rebuilds_alike(tmp_path, monkeypatch):
+    from modelcollapse import loop
+
+    monkeypatch.setattr(loop, "SEEDS_AT_ONCE", 2)  # 5 seeds: groups of 2, 2 and 1
+    fast = run_experiment(make("fast", seeds=5), tmp_path / "fast", progress=False)
+    slow = run_experiment(make("loop", seeds=5), tmp_path / "loop", progress=False)
+    a, b = [{(r["policy"], r["seed"], r["iteration"], r["metric"]): r["value"] for r in map(json.loads, lines(p))} for p in (fast, slow)]
+    assert a == b
+    assert sorted(p.name for p in (fast / "replace" / "all-seeds").glob("seeds-*")) == ["seeds-0", "seeds-2", "seeds-4"]
+    before = lines(fast)
+    (fast / "metrics.jsonl").write_text("")  # rebuilt from the units' records, in the order they were written
+    run_experiment(make("fast", seeds=5), fast, progress=False)
+    assert lines(fast) == before

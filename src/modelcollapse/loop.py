@@ -103,8 +103,8 @@ def run_experiment(cfg: ExperimentConfig, out: Path, progress: bool | None = Non
             resumed = finished_rows(store, cfg, family)
             store.reset_metrics(resumed)
             quiet = progress is False or not distributed.is_writer()
-            units = len(cfg.policies) * cfg.iterations * (1 if vectorised(family) else len(cfg.seeds))
-            bar = tqdm(total=units, desc=cfg.name, unit="gen", disable=True if quiet else None)
+            bar = tqdm(total=len(cfg.policies) * cfg.iterations * len(cfg.seeds), desc=cfg.name, unit="seed-gen",
+                       unit_scale=True, disable=True if quiet else None)
             stopped = []
             for policy in cfg.policies:
                 chains = [cfg.seeds] if vectorised(family) else [[s] for s in cfg.seeds]
@@ -292,24 +292,30 @@ def simulate(family, policy: Policy, seeds: list[int], iterations: int, select=N
     return out
 
 
+SEEDS_AT_ONCE = 256  # seeds a vectorised unit computes together: enough to amortise each call, few enough that
+# a generation's arrays stay in cache (linreg, accumulate-subsample: 1.5x less CPU per seed than 2,000 at once)
+
+
 def run_batch(family, store: RunDir, cfg: ExperimentConfig, policy: Policy, seeds: list[int], bar) -> None:
-    """Every seed of one policy at once, one unit of the run directory whose rows stream out as each
-    generation ends."""
+    """Every seed of one policy, SEEDS_AT_ONCE at a time: one unit of the run directory whose rows stream out
+    as each generation of each group of seeds ends."""
     N, label, unit = cfg.iterations, policy.label, store.batch_dir(policy.label)
     if store.finished(unit) is not None:
-        bar.update(N)
+        bar.update(N * len(seeds))
         return
     t0 = time.perf_counter()
     arrays = {}
-    for n, metrics, model in batch_chain(family, policy, seeds, N, cfg.selection(policy), cfg.weight(policy)):
-        check_finite(metrics, f"{label} gen {n} ({len(seeds)} seeds)")
-        for k, v in metrics.items():  # NaN where a metric has no value (a selection's, after the last model)
-            arrays.setdefault(k, np.full((len(seeds), N), np.nan))[:, n - 1] = v
-        store.append(batch_lines(label, seeds, n, {k: v.tolist() for k, v in metrics.items()}))
-        bar.update(1)
-    if store.writer:
-        unit.mkdir(parents=True, exist_ok=True)
-        family.save_model(model, unit)  # the last generation's models, every seed's
-    store.finish_batch(unit, label, seeds, arrays)
-    means = " ".join(f"{k}={np.mean(v[:, -1]):.4g}" for k, v in arrays.items())
+    for lo in range(0, len(seeds), SEEDS_AT_ONCE):
+        group = seeds[lo : lo + SEEDS_AT_ONCE]
+        for n, metrics, model in batch_chain(family, policy, group, N, cfg.selection(policy), cfg.weight(policy)):
+            check_finite(metrics, f"{label} gen {n} (seeds {group[0]}..{group[-1]})")
+            for k, v in metrics.items():  # NaN where a metric has no value (a selection's, after the last model)
+                arrays.setdefault(k, np.full((len(seeds), N), np.nan))[lo : lo + len(group), n - 1] = v
+            store.append(batch_lines(label, group, n, {k: v.tolist() for k, v in metrics.items()}))
+            bar.update(len(group))
+        if store.writer:  # the last generation's models, a folder per group of seeds
+            (unit / f"seeds-{lo}").mkdir(parents=True, exist_ok=True)
+            family.save_model(model, unit / f"seeds-{lo}")
+    store.finish_batch(unit, label, seeds, arrays, SEEDS_AT_ONCE)
+    means = " ".join(f"{k}={np.nanmean(v[:, -1]):.4g}" for k, v in arrays.items() if not np.isnan(v[:, -1]).all())
     store.log(f"{label}: {len(seeds)} seeds x {N} iterations, last mean {means} ({time.perf_counter() - t0:.2f}s)")

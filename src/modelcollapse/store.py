@@ -238,9 +238,10 @@ class RunDir:
         except (BadInput, OSError, ValueError, KeyError) as e:
             self.log(f"{unit}: its metrics cannot be trusted ({e}); recomputing it")
             return None
-        seeds, policy = record["seeds"], record["policy"]
-        return [dict(policy=policy, seed=s, iteration=n + 1, metric=m, value=float(arrays[m][i, n]))
-                for n in range(record["iterations"]) for i, s in enumerate(seeds) for m in record["metrics"]
+        seeds, policy, group = record["seeds"], record["policy"], record.get("group", len(record["seeds"]))
+        return [dict(policy=policy, seed=seeds[i], iteration=n + 1, metric=m, value=float(arrays[m][i, n]))
+                for lo in range(0, len(seeds), group) for n in range(record["iterations"])
+                for i in range(lo, min(lo + group, len(seeds))) for m in record["metrics"]
                 if not np.isnan(arrays[m][i, n])]  # NaN: no value that generation (a selection's, after the last)
 
     def verify(self, unit: Path, only: list[str] | None = None, record_name: str = RECORD) -> None:
@@ -265,12 +266,12 @@ class RunDir:
         atomic_write_json(unit / RECORD, {"rows": rows, "files": checksums(unit)})
         self.append([row_line(**r) for r in rows])
 
-    def finish_batch(self, unit: Path, policy: str, seeds: list[int], arrays: dict[str, np.ndarray]) -> None:
+    def finish_batch(self, unit: Path, policy: str, seeds: list[int], arrays: dict[str, np.ndarray], group: int) -> None:
         """Mark a vectorised policy finished: its metrics as arrays (seeds, iterations), whose rows were
-        appended generation by generation as they were made."""
+        appended as they were made: `group` seeds at a time, generation by generation."""
         atomic_save_npz(unit / ARRAYS, **arrays)
         iterations = next(iter(arrays.values())).shape[1]
-        atomic_write_json(unit / RECORD, {"policy": policy, "seeds": list(seeds), "iterations": iterations,
+        atomic_write_json(unit / RECORD, {"policy": policy, "seeds": list(seeds), "iterations": iterations, "group": group,
                                           "metrics": list(arrays), "arrays": ARRAYS, "files": checksums(unit)})
 
     def fitted(self, gen_dir: Path) -> bool:
@@ -333,7 +334,7 @@ class RunView(RunDir):
     def finish(self, unit: Path, rows: list[dict]) -> None:
         pass
 
-    def finish_batch(self, unit, policy, seeds, arrays) -> None:
+    def finish_batch(self, unit, policy, seeds, arrays, group) -> None:
         pass
 
     def record_fit(self, gen_dir: Path) -> None:
