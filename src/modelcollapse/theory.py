@@ -125,7 +125,7 @@ def wishart_chain(policy, d: int, n: int, iterations: int, ddof: int = 0) -> dic
 # the training set (replace, fresh), the count in the pool (accumulate, accumulate-subsample: n + 1 to t·n + 1
 # states) or the pair (real count, training count) (mix).
 
-CHAIN_BUDGET = 3e8  # multiply-adds a chain may take (about a second); larger settings get no chain curves
+CHAIN_BUDGET = 5e8  # multiply-adds a chain may take (a second or two); larger settings get no chain curves
 CATEGORICAL_METRICS = ("entropy", "gini_simpson", "lost", "tail_mass", "tv", "kl")
 
 
@@ -138,10 +138,21 @@ def _binom_rows(N: int, q: np.ndarray) -> np.ndarray:
 
 def _hyper_rows(total: int, successes: np.ndarray, draws: int) -> np.ndarray:
     """Hypergeometric: successes among `draws` of `total` without replacement, for each number of successes
-    in the population: (len(successes), draws + 1)."""
-    from scipy.stats import hypergeom
+    in the population: (len(successes), draws + 1). From a table of log-factorials (scipy's pmf is ~100×
+    slower, and accumulate-subsample needs t·n·n of them per generation)."""
+    from scipy.special import gammaln
 
-    return hypergeom.pmf(np.arange(draws + 1)[None, :], total, np.asarray(successes)[:, None], draws)
+    lf = gammaln(np.arange(total + 2, dtype=float))  # lf[k] = log (k − 1)!
+
+    def log_choose(a, b):
+        return lf[a + 1] - lf[b + 1] - lf[a - b + 1]
+
+    K, c = np.asarray(successes)[:, None], np.arange(draws + 1)[None, :]
+    ok = (c <= K) & (draws - c <= total - K)
+    c_ok = np.where(ok, c, 0)  # any valid pair where the probability is 0 anyway
+    K_ok = np.where(ok, K, 0)
+    log = log_choose(K_ok, c_ok) + log_choose(total - K_ok, draws - c_ok) - log_choose(total, draws)
+    return np.where(ok, np.exp(np.where(ok, log, -np.inf)), 0.0)
 
 
 def _add_shifted(Z: np.ndarray, H: np.ndarray) -> np.ndarray:
@@ -153,39 +164,47 @@ def _add_shifted(Z: np.ndarray, H: np.ndarray) -> np.ndarray:
 
 
 def chain_cost(policy, n: int, groups: int, iterations: int) -> float | None:
-    """Multiply-adds `categorical_chain` takes (about), or None for a policy it has no chain for."""
-    t = iterations
-    if policy.name in ("replace", "fresh"):
+    """Multiply-adds `categorical_chain` takes (about), or None for a policy it has no chain for. Chains whose
+    steps do not depend on the outcome run from each of the n + 1 real counts when that is fewer rows than
+    the outcomes' distributions."""
+    t, rows = iterations, min(groups, n + 1)
+    if policy.name == "replace":
+        return t * (rows + 2) * (n + 1) ** 2
+    if policy.name == "fresh":
         return t * (groups + 2) * (n + 1) ** 2
     if policy.name == "mix":
         return t * ((n + 1) ** 3 + groups * (n + 1) ** 2)
     if policy.name == "accumulate":
-        return t**2 * (n + 1) ** 2 * (groups + 20) / 2
+        return t**2 * (n + 1) ** 2 * (rows + 20) / 2
     if policy.name == "accumulate-subsample":
-        return t**2 * (n + 1) ** 2 * (n + groups + 40) / 2
+        return t**2 * (n + 1) ** 2 * (n + rows + 40) / 2
     if policy.name == "replace-grown":
-        return t**3 * (n + 1) ** 2 * (groups + 20) / 3
+        return t**3 * (n + 1) ** 2 * (rows + 20) / 3
     return None
 
 
 def _training_counts(policy, p: np.ndarray, n: int, alpha: float, K: int, iterations: int):
     """Yield, for t = 1..iterations, (D, N): D[g, c] = P(outcome g's count in generation t's training set is
     c), N the training set's size."""
-    D = _binom_rows(n, p)  # generation 1: the real counts
-    yield D, n
+    real = _binom_rows(n, p)  # generation 1: the real counts
+    yield real, n
     name = policy.name
+    # every policy but fresh steps alike for every outcome: then run from each real count (rows of the
+    # identity) when there are fewer of those than outcomes, and mix in the real counts' distribution after
+    D = real if name == "fresh" or len(p) <= n + 1 else np.eye(n + 1)
+    out = (lambda X: X) if D is real else (lambda X: real @ X)
     if name in ("replace", "replace-grown"):
         N = n
         for t in range(2, iterations + 1):
             s = policy.synthetic_size(t, n)
             D = D @ _binom_rows(s, (np.arange(N + 1) + alpha) / (N + K * alpha))
             N = s
-            yield D, N
+            yield out(D), N
     elif name == "fresh":
         m = policy.real_part(n)
-        B, real = _binom_rows(n - m, (np.arange(n + 1) + alpha) / (n + K * alpha)), _binom_rows(m, p)
+        B, fresh = _binom_rows(n - m, (np.arange(n + 1) + alpha) / (n + K * alpha)), _binom_rows(m, p)
         for _ in range(2, iterations + 1):
-            D = _add_shifted(D @ B, real)
+            D = _add_shifted(D @ B, fresh)
             yield D, n
     elif name == "mix":
         m = policy.real_part(n)
@@ -194,9 +213,8 @@ def _training_counts(policy, p: np.ndarray, n: int, alpha: float, K: int, iterat
         F = np.eye(n + 1)  # F[R, c]: P(training count c | real count R); generation 1 trains on the real data
         for _ in range(2, iterations + 1):
             F = _add_shifted(F @ B, H)
-            yield _binom_rows(n, p) @ F, n
+            yield real @ F, n
     else:  # accumulate, accumulate-subsample: the state is the count in the pool of t·n
-        P = D
         for t in range(2, iterations + 1):
             N0 = (t - 1) * n
             if name == "accumulate":
@@ -204,14 +222,14 @@ def _training_counts(policy, p: np.ndarray, n: int, alpha: float, K: int, iterat
             else:
                 sub = _hyper_rows(N0, np.arange(N0 + 1), n)  # generation t − 1's training count, given the pool's
                 Y = sub @ _binom_rows(n, (np.arange(n + 1) + alpha) / (n + K * alpha))
-            pool = np.zeros((P.shape[0], N0 + n + 1))
+            pool = np.zeros((D.shape[0], N0 + n + 1))
             for y in range(n + 1):  # the pool gains y of this outcome with probability Y[C, y]
-                pool[:, y : y + N0 + 1] += P * Y[:, y]
-            P = pool
+                pool[:, y : y + N0 + 1] += D * Y[:, y]
+            D = pool
             if name == "accumulate":
-                yield P, t * n
+                yield out(D), t * n
             else:
-                yield P @ _hyper_rows(t * n, np.arange(t * n + 1), n), n
+                yield out(D) @ _hyper_rows(t * n, np.arange(t * n + 1), n), n
 
 
 def categorical_chain(policy, p0: np.ndarray, tail: np.ndarray, n: int, alpha: float, iterations: int,
