@@ -257,3 +257,36 @@ def categorical_chain(policy, p0: np.ndarray, tail: np.ndarray, n: int, alpha: f
         out["tv"][t] = 0.5 * weight @ np.einsum("gc,gc->g", D, np.abs(q[None, :] - p[:, None]))
         out["kl"][t] = weight @ (D @ qlogq) - weight @ (Eq * np.log(p))
     return out
+
+
+def family_curves(family: str, policy: dict, options: dict, iterations: int):
+    """(config, policy, {metric: curve}) of a family's `theory` for the command line; BadInput naming the
+    problem (a bad option, a policy without a closed form)."""
+    from pydantic import ValidationError
+
+    from modelcollapse.families import load_family
+    from modelcollapse.policies import from_spec
+
+    if iterations < 1:
+        raise BadInput(f"iterations must be at least 1 (got {iterations})")
+    spec = load_family(family)
+
+    def one_line(err: ValidationError, what: str) -> str:
+        e = err.errors()[0]
+        loc = ".".join(str(p) for p in e["loc"])
+        return f"theory {family}: {what}{': ' + loc if loc else ''}: {e['msg'].removeprefix('Value error, ')}"
+
+    try:
+        config = spec.Config(**options)
+    except ValidationError as e:
+        raise BadInput(one_line(e, "bad option")) from None
+    try:
+        policy = from_spec(policy)
+    except ValidationError as e:
+        raise BadInput(one_line(e, f"policy {policy['name']}")) from None
+    except ValueError as e:
+        raise BadInput(f"theory {family}: {e}") from None
+    curves = spec.theory(config, policy, iterations) if spec.theory else None
+    if not curves:
+        raise BadInput(f"theory {family}: no exact curve for policy {policy.label!r} at these settings (docs/theory.md says where there are)")
+    return config, policy, curves
