@@ -93,30 +93,37 @@ def bartlett(keys: np.ndarray, dof: int, d: int) -> np.ndarray:
 
 class Block:
     """`size` points per seed from N(mean, chol·cholᵀ), drawn from the streams `keys`, kept as their count,
-    mean and scatter (see the module docstring); `points` recomputes any of them."""
+    mean x̄ and the scatter's factor L_W (see the module docstring); `points` recomputes any of them. A set of
+    s ≤ d points keeps its fit's (mean, chol) instead, to draw its points one by one."""
 
     def __init__(self, mean: np.ndarray, chol: np.ndarray, keys: np.ndarray, size: int):
-        self.mean, self.chol, self.keys, self.size = mean, chol, np.asarray(keys, dtype=np.uint64), int(size)
+        self.keys, self.size = np.asarray(keys, dtype=np.uint64), int(size)
         S, d = mean.shape
+        self.d = d
         self.wishart = self.size >= d + 1
         self._shape = None
         if self.wishart:
+            self.mean = self.chol = None  # the points need only x̄, L_W and the shape stream
             z = normal(subkeys(self.keys, "mean"), d)
             self.xbar = mean + np.einsum("sde,se->sd", chol, z) / math.sqrt(self.size)
             self.lw = chol @ bartlett(self.keys, self.size - 1, d)  # the scatter's Cholesky factor
-            self.scatter = self.lw @ self.lw.swapaxes(1, 2)
         else:
+            self.mean, self.chol, self.lw = mean, chol, None
             x = self.points(np.repeat(np.arange(S), self.size), np.tile(np.arange(self.size), S)).reshape(S, self.size, d)
-            self.xbar, self.scatter, self.lw = _moments(x)
+            self.xbar, self._scatter, _ = _moments(x)
 
     @property
     def count(self) -> int:
         return self.size
 
+    @property
+    def scatter(self) -> np.ndarray:
+        return self.lw @ self.lw.swapaxes(1, 2) if self.wishart else self._scatter
+
     def shape(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(keys of G, ḡ (S, d), M = L_W R⁻ᵀ (S, d, d)): point i is x̄ + M(g_i − ḡ). One pass over G, kept."""
         if self._shape is None:
-            S, d = self.mean.shape
+            S, d = self.xbar.shape
             keys = subkeys(self.keys, "shape")
             gbar, gram = np.empty((S, d)), np.empty((S, d, d))
             step = max(1, CHUNK // (self.size * d))
@@ -132,7 +139,7 @@ class Block:
 
     def points(self, s: np.ndarray, i: np.ndarray) -> np.ndarray:
         """Point i[l] of seed s[l], for each l: (L, d)."""
-        d = self.mean.shape[1]
+        d = self.d
         j = np.arange(d, dtype=np.uint64)
         index = i.astype(np.uint64)[:, None] * np.uint64(d) + j
         if self.wishart:
@@ -200,12 +207,18 @@ class Sample:
                 out[sel] = p.points(seed[sel], positions[sel] - (ends[k] - p.count))
         return out
 
-    def moments(self) -> tuple[int, np.ndarray, np.ndarray]:
-        """(N, mean (S, d), scatter (S, d, d)) of the whole set, combined part by part (Chan et al. 1979)."""
-        parts = [p for p in self.parts if p.count]
-        N = sum(p.count for p in parts)
-        mean = sum(p.count * p.xbar for p in parts) / N
-        scatter = sum(p.scatter + p.count * np.einsum("sd,se->sde", p.xbar - mean, p.xbar - mean) for p in parts)
+    def moments(self, start=None) -> tuple[int, np.ndarray, np.ndarray]:
+        """(N, mean (S, d), scatter (S, d, d)) of the whole set, combined part by part (Chan et al. 1979);
+        `start` is (k, N, mean, scatter) of its first k parts, when those are known."""
+        k, N, mean, scatter = start or (0, 0, 0.0, 0.0)
+        for p in self.parts[k:]:
+            if p.count == 0:
+                continue
+            total = N + p.count
+            delta = p.xbar - mean
+            scatter = scatter + p.scatter + (N * p.count / total) * np.einsum("sd,se->sde", delta, delta)
+            mean = mean + (p.count / total) * delta
+            N = total
         return N, mean, scatter
 
 
@@ -240,6 +253,7 @@ class Family:
         chol = np.linalg.cholesky(cov)
         self.truth = Truth(np.asarray(config.mean or np.zeros(d), dtype=float), chol, float(np.trace(cov)),
                            float(2 * np.log(np.diag(chol)).sum()))
+        self._fitted: tuple | None = None  # (parts, moments) of the last training set
 
     def real_data(self, split: str, seed, draw: int = 0) -> Sample | Truth:
         if split == "test":
@@ -259,7 +273,13 @@ class Family:
         return Sample([Rows(data.points_at(choose(seed, data.n, size)))])
 
     def fit(self, train: Sample, seed, workdir: Path | None) -> Fitted:
-        N, mean, scatter = train.moments()
+        start = None
+        if self._fitted is not None:  # a training set that extends the last one (accumulate): add its new parts
+            parts, moments = self._fitted
+            if len(parts) <= len(train.parts) and all(a is b for a, b in zip(parts, train.parts)):
+                start = (len(parts), *moments)
+        N, mean, scatter = train.moments(start)
+        self._fitted = (list(train.parts), (N, mean, scatter))
         denominator = N - self.config.ddof
         only = train.parts[0] if len(train.parts) == 1 else None
         if isinstance(only, Block) and only.wishart:  # one generated set: its scatter's factor is at hand, exactly
@@ -302,10 +322,10 @@ class Family:
 
 
 def memory_estimate(config: Config, seeds: int, iterations: int, vectorised: bool) -> int:
-    """Bytes a run holds at its peak: per seed, a few d×d matrices for every block of the pool, a subsample's
-    points and their gathered matrices, and the chunked draws."""
+    """Bytes a run holds at its peak: per seed, x̄ and L_W of every set in the pool (and, once subsampled, its
+    d×d shape), a subsample's points, a few d×d matrices of the fit, and the chunked draws."""
     S, d, n = (seeds if vectorised else 1), config.d, config.n
-    return 8 * (S * iterations * (4 * d * d + 4 * d) + 6 * S * n * d + 2 * S * d * d) + 16 * CHUNK + (1 << 27)
+    return 8 * (S * iterations * (2 * d * d + 2 * d) + 6 * S * n * d + 8 * S * d * d) + 16 * CHUNK + (1 << 27)
 
 
 def theory(config: Config, policy, iterations: int) -> dict[str, np.ndarray] | None:
