@@ -295,10 +295,11 @@ class Family:
         Linv_L0 = np.linalg.solve(L, np.broadcast_to(L0, L.shape))  # tr Σ⁻¹Σ₀ = ‖L⁻¹L₀‖²_F
         Linv_delta = np.linalg.solve(L, delta[..., None])[..., 0]
         kl = 0.5 * (np.sum(Linv_L0**2, axis=(1, 2)) + np.sum(Linv_delta**2, axis=1) - d + logdet - truth.logdet)
-        # W2² = ‖δ‖² + tr Σ + tr Σ₀ − 2 tr (Σ₀^½ Σ Σ₀^½)^½, the last trace the nuclear norm of Lᵀ L₀
-        ok = np.isfinite(L).all(axis=(1, 2))  # a failed fit (NaN) stops its chain; it has no singular values
+        # W2² = ‖δ‖² + tr Σ + tr Σ₀ − 2 tr (Σ₀^½ Σ Σ₀^½)^½; L₀ᵀΣL₀ has the eigenvalues of Σ₀^½ Σ Σ₀^½
+        ok = np.isfinite(L).all(axis=(1, 2))  # a failed fit (NaN) stops its chain; it has no eigenvalues
         nuclear = np.full(len(L), np.nan)
-        nuclear[ok] = np.linalg.svd(L[ok].swapaxes(1, 2) @ L0, compute_uv=False).sum(axis=1)
+        B = L[ok].swapaxes(1, 2) @ L0
+        nuclear[ok] = np.sqrt(np.maximum(np.linalg.eigvalsh(B.swapaxes(1, 2) @ B), 0.0)).sum(axis=1)
         w2 = np.sqrt(np.maximum(mse + trace + truth.trace - 2 * nuclear, 0.0))
         return {"trace_ratio": trace / truth.trace, "mean_sq_error": mse, "det_ratio": np.exp(logdet - truth.logdet),
                 "kl": kl, "w2": w2}
