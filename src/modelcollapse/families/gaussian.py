@@ -184,6 +184,24 @@ def _apply(M: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class Sorted:
+    values: np.ndarray  # the seed of each position, sorted by part
+    order: np.ndarray  # where each came from in the flattened positions
+
+
+def by_part(sizes: list[int], positions: np.ndarray) -> tuple[Sorted, np.ndarray, np.ndarray]:
+    """The positions (S, m) of concatenated parts of `sizes`, grouped by part (a stable sort, so each part's
+    positions keep their order): (their seeds and where they came from, their parts, their place in their part)."""
+    S, m = positions.shape
+    ends = np.cumsum(sizes)
+    part = np.searchsorted(ends, positions, side="right").ravel()
+    order = np.argsort(part, kind="stable")
+    part = part[order]
+    local = positions.ravel()[order] - (ends - np.asarray(sizes))[part]
+    return Sorted(order // m, order), part, local
+
+
+@dataclass
 class Sample:
     """A dataset of every seed: its parts (Blocks and Rows), never copied when concatenated."""
 
@@ -196,16 +214,14 @@ class Sample:
     def points_at(self, positions: np.ndarray) -> np.ndarray:
         """The points at `positions` (S, m) of each seed's concatenated parts: (S, m, d)."""
         S, m = positions.shape
-        d = self.parts[0].xbar.shape[1]
-        out = np.empty((S, m, d))
-        ends = np.cumsum([p.count for p in self.parts])
-        part = np.searchsorted(ends, positions, side="right")
-        seed = np.broadcast_to(np.arange(S)[:, None], (S, m))
+        out = np.empty((S * m, self.parts[0].xbar.shape[1]))
+        seed, part, local = by_part([p.count for p in self.parts], positions)
+        bounds = np.searchsorted(part, np.arange(len(self.parts) + 1))
         for k, p in enumerate(self.parts):
-            sel = part == k
-            if sel.any():
-                out[sel] = p.points(seed[sel], positions[sel] - (ends[k] - p.count))
-        return out
+            pick = slice(bounds[k], bounds[k + 1])
+            if bounds[k + 1] > bounds[k]:
+                out[seed.order[pick]] = p.points(seed.values[pick], local[pick])
+        return out.reshape(S, m, -1)
 
     def moments(self, start=None) -> tuple[int, np.ndarray, np.ndarray]:
         """(N, mean (S, d), scatter (S, d, d)) of the whole set, combined part by part (Chan et al. 1979);

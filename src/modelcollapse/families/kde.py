@@ -28,6 +28,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from modelcollapse.families.gaussian import by_part
 from modelcollapse.seeding import choose, derive_seed, normal, subkeys, uniform
 from modelcollapse.store import atomic_save_npy, atomic_save_npz
 
@@ -91,15 +92,13 @@ class Points:
         if len(self.parts) == 1:
             return np.take_along_axis(self.parts[0], positions[..., None], axis=1)
         S, m = positions.shape
-        out = np.empty((S, m, 2))
-        ends = np.cumsum([p.shape[1] for p in self.parts])
-        part = np.searchsorted(ends, positions, side="right")
-        seed = np.broadcast_to(np.arange(S)[:, None], (S, m))
+        out = np.empty((S * m, 2))
+        seed, part, local = by_part([p.shape[1] for p in self.parts], positions)
+        bounds = np.searchsorted(part, np.arange(len(self.parts) + 1))
         for k, p in enumerate(self.parts):
-            sel = part == k
-            if sel.any():
-                out[sel] = p[seed[sel], positions[sel] - (ends[k] - p.shape[1])]
-        return out
+            pick = slice(bounds[k], bounds[k + 1])
+            out[seed.order[pick]] = p[seed.values[pick], local[pick]]
+        return out.reshape(S, m, 2)
 
     def moments(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean (S, 2) and the trace of the covariance (divide by N) (S,) of every seed's points."""
