@@ -37,7 +37,7 @@ def test_a_blocks_points_have_its_statistics_and_are_iid_gaussian(n):
     S = 10000
     b, m, L = block(S, n)
     x = b.points(np.repeat(np.arange(S), n), np.tile(np.arange(n), S)).reshape(S, n, 3)
-    xbar, scatter, _ = gaussian._moments(x)
+    xbar, scatter = gaussian._moments(x)
     assert np.allclose(xbar, b.xbar, atol=1e-12) and np.allclose(scatter, b.scatter, atol=1e-10)
     z = np.linalg.solve(L, (x - m)[..., None])[..., 0]  # (S, n, 3): should be i.i.d. N(0, 1)
     assert np.all(np.abs(z.mean(0)) < 4.5 / np.sqrt(S))

@@ -110,7 +110,7 @@ class Block:
         else:
             self.mean, self.chol, self.lw = mean, chol, None
             x = self.points(np.repeat(np.arange(S), self.size), np.tile(np.arange(self.size), S)).reshape(S, self.size, d)
-            self.xbar, self._scatter, _ = _moments(x)
+            self.xbar, self._scatter = _moments(x)
 
     @property
     def count(self) -> int:
@@ -155,7 +155,7 @@ class Rows:
     x: np.ndarray
 
     def __post_init__(self):
-        self.xbar, self.scatter, _ = _moments(self.x)
+        self.xbar, self.scatter = _moments(self.x)
 
     @property
     def count(self) -> int:
@@ -165,12 +165,12 @@ class Rows:
         return self.x[s, i]
 
 
-def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
+def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean (S, d) and scatter (S, d, d) of points (S, m, d); zeros for m = 0."""
     S, m, d = x.shape
     xbar = x.mean(axis=1) if m else np.zeros((S, d))
     xc = x - xbar[:, None, :]
-    return xbar, xc.swapaxes(1, 2) @ xc, None
+    return xbar, xc.swapaxes(1, 2) @ xc
 
 
 def _apply(M: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
