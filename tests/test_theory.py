@@ -57,3 +57,46 @@ def test_empirical_test_mse_reads_the_same_quantity():
     m = simulate(fam, from_spec("replace"), list(range(500)), 5)
     # E[mse on fresh points] − σ² = E‖ŵ − w*‖²; the two readings agree up to test-set noise
     assert np.allclose(m["test_mse_excess"].mean(0), m["test_error"].mean(0), rtol=0.1)
+
+
+@pytest.mark.parametrize("args,family,config,policy", [
+    (["gaussian", "--policy", "replace", "--d", "3", "--n", "10", "--sigma2", "2", "--estimator", "unbiased"], "gaussian",
+     {"d": 3, "n": 10, "sigma2": 2.0, "estimator": "unbiased"}, "replace"),
+    (["categorical", "--policy", "mix", "--real-fraction", "0.5", "--k", "10", "--n", "20", "--zipf", "1.1"], "categorical",
+     {"k": 10, "n": 20, "zipf": 1.1}, {"name": "mix", "real_fraction": 0.5}),
+])
+def test_theory_command_prints_the_familys_curves(args, family, config, policy):
+    import json
+
+    from conftest import cli
+    from modelcollapse.families import load_family
+
+    out = cli("theory", *args, "--iterations", "6", "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    spec = load_family(family)
+    expected = spec.theory(spec.Config(**config), from_spec(policy), 6)
+    assert got["iteration"] == list(range(1, 7)) and set(got) == {"family", "policy", "iteration", *expected}
+    for metric, curve in expected.items():
+        assert np.allclose(got[metric], curve, rtol=1e-12)
+    table = cli("theory", *args, "--iterations", "6")
+    assert table.returncode == 0 and table.stdout.splitlines()[1].split("\t") == ["iteration", *expected]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["kde"], "no closed forms for family 'kde'"),
+    (["gaussian", "--T", "5"], "--T is not an option of gaussian"),
+    (["gaussian", "--d", "5", "--n", "4"], "n must be at least d \\+ 1"),
+    (["categorical", "--policy", "fresh"], "needs --real-fraction"),
+    (["categorical", "--policy", "nope"], "unknown policy 'nope'"),
+    (["gaussian", "--estimator", "median"], "estimator"),
+    (["categorical", "--iterations", "0"], "iterations must be at least 1"),
+])
+def test_theory_command_bad_input_is_one_line_and_exit_2(args, message):
+    import re
+
+    from conftest import cli
+
+    out = cli("theory", *args)
+    assert out.returncode == 2 and out.stdout == "" and len(out.stderr.strip().splitlines()) == 1
+    assert re.search(message, out.stderr), out.stderr

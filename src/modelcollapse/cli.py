@@ -70,21 +70,52 @@ def run(
         typer.echo(f"done: {out}")
 
 
+THEORY_OPTIONS = {"linreg": ("d", "T", "sigma2"), "gaussian": ("d", "n", "sigma2", "estimator"),
+                  "categorical": ("k", "n", "zipf", "smoothing")}
+
+
 @app.command()
 def theory(
-    family: str = typer.Argument(..., help="only 'linreg' has closed forms"),
-    policy: str = typer.Option("accumulate", "--policy", help="replace, accumulate or replace-grown"),
-    d: int = typer.Option(10, "--d"),
-    T: int = typer.Option(111, "--T"),
-    sigma2: float = typer.Option(1.0, "--sigma2"),
+    family: str = typer.Argument(..., help="linreg, gaussian or categorical"),
+    policy: str = typer.Option("accumulate", "--policy", help="replace, accumulate, replace-grown (linreg); any built-in policy (gaussian, categorical)"),
+    real_fraction: Optional[float] = typer.Option(None, "--real-fraction", help="λ of mix and fresh"),
+    d: Optional[int] = typer.Option(None, "--d", help="dimension (linreg: 10, gaussian: its default)"),
+    T: Optional[int] = typer.Option(None, "--T", help="linreg: training rows (default 111)"),
+    n: Optional[int] = typer.Option(None, "--n", help="gaussian, categorical: samples per generation"),
+    sigma2: Optional[float] = typer.Option(None, "--sigma2", help="linreg: noise variance; gaussian: Σ₀ = σ²I (default 1)"),
+    estimator: Optional[str] = typer.Option(None, "--estimator", help="gaussian: mle (default) or unbiased"),
+    k: Optional[int] = typer.Option(None, "--k", help="categorical: outcomes"),
+    zipf: Optional[float] = typer.Option(None, "--zipf", help="categorical: Zipf exponent of the truth (0: uniform)"),
+    smoothing: Optional[float] = typer.Option(None, "--smoothing", help="categorical: additive smoothing α (default 0)"),
     iterations: int = typer.Option(10, "--iterations"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object instead of a table"),
 ):
-    """Closed-form expected test error per iteration (the paper's Theorems 1 and 2)."""
+    """Exact expected metrics per iteration: linreg's Theorems 1 and 2; the gaussian's and categorical's
+    closed forms and chains (docs/theory.md)."""
     from modelcollapse import theory as th
 
+    if family not in THEORY_OPTIONS:
+        raise BadInput(f"theory: no closed forms for family {family!r}; choose one of {', '.join(THEORY_OPTIONS)}")
+    given = {key: v for key, v in dict(d=d, T=T, n=n, sigma2=sigma2, estimator=estimator, k=k, zipf=zipf, smoothing=smoothing).items() if v is not None}
+    stray = [f"--{key}" for key in given if key not in THEORY_OPTIONS[family]]
+    if stray:
+        raise BadInput(f"theory {family}: {', '.join(stray)} is not an option of {family}; its options are {', '.join('--' + o for o in THEORY_OPTIONS[family])}")
     if family != "linreg":
-        raise BadInput(f"theory: no closed forms for family {family!r}; only 'linreg' has them")
+        if policy in ("mix", "fresh") and real_fraction is None:
+            raise BadInput(f"theory {family}: --policy {policy} needs --real-fraction λ (0 < λ < 1)")
+        spec = {"name": policy} if real_fraction is None else {"name": policy, "real_fraction": real_fraction}
+        config, resolved, curves = th.family_curves(family, spec, given, iterations)
+        curves = {key: [float(v) for v in values] for key, values in curves.items()}
+        if as_json:
+            typer.echo(json.dumps({"family": family, "policy": resolved.label, "iteration": list(range(1, iterations + 1)), **curves}))
+            return
+        shown = " ".join(f"{key}={getattr(config, key)}" for key in THEORY_OPTIONS[family])
+        typer.echo(f"# {family} {resolved.label}: {shown}")
+        typer.echo("\t".join(["iteration", *curves]))
+        for i in range(iterations):
+            typer.echo("\t".join([str(i + 1), *(f"{curves[key][i]:.6g}" for key in curves)]))
+        return
+    d, T, sigma2 = given.get("d", 10), given.get("T", 111), given.get("sigma2", 1.0)
     errors = th.linreg_test_error(policy, d, T, sigma2, iterations)
     c = th.linreg_c(d, T, sigma2)
     if as_json:
@@ -94,8 +125,8 @@ def theory(
         return
     typer.echo(f"# linreg {policy}: d={d} T={T} sigma2={sigma2} c={c:.6g}")
     typer.echo("iteration\ttest_error")
-    for n, e in enumerate(errors, 1):
-        typer.echo(f"{n}\t{e:.6g}")
+    for i, e in enumerate(errors, 1):
+        typer.echo(f"{i}\t{e:.6g}")
     if policy == "accumulate":
         typer.echo(f"# bound c*pi^2/6 = {th.linreg_accumulate_bound(d, T, sigma2):.6g}")
 

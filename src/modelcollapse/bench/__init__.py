@@ -14,7 +14,8 @@ import numpy as np
 
 from modelcollapse.errors import BadInput
 
-BENCHES = {"linreg": ("linreg", "linreg"), "linreg-all": ("linreg", "linreg_all"), "lm-train": ("lm", "lm_train"),
+BENCHES = {"linreg": ("linreg", "linreg"), "linreg-all": ("linreg", "linreg_all"), "gaussian": ("families", "gaussian"),
+           "categorical": ("families", "categorical"), "kde": ("families", "kde"), "lm-train": ("lm", "lm_train"),
            "lm-sample": ("lm", "lm_sample")}
 
 

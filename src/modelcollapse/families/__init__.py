@@ -54,7 +54,7 @@ from modelcollapse.errors import BadInput
 
 Data = Any
 Model = Any
-BUILTIN = ("linreg", "lm", "vae", "conformer")
+BUILTIN = ("linreg", "gaussian", "categorical", "kde", "lm", "vae", "conformer")
 
 
 class DataUnavailable(BadInput):

@@ -1,0 +1,253 @@
+"""A categorical distribution refit to its own draws, generation after generation: the Wright–Fisher model of
+population genetics, and the unigram model of text (Shumailov et al. 2024; Kazdan, Schaeffer et al. 2024).
+
+Truth: K outcomes with probabilities ∝ i^(−s) (Zipf, the default, since word frequencies are; s = 0 is
+uniform) or a given vector. Each generation fits p̂ = (c + α)/(N + Kα) to the counts c of its N training draws
+(α = `smoothing`, 0 by default: the maximum-likelihood frequencies) and draws n outcomes from the fit.
+Metrics of the fit p̂ against the truth p: `entropy` −Σp̂ log p̂ (nats), `gini_simpson` 1 − Σp̂², `lost` the
+outcomes with p̂ = 0 (the truth gives every outcome p > 0), `tail_mass` the fitted mass of the outcomes that
+make up the truth's last 10% of mass, `tv` ½Σ|p̂ − p| and `kl` KL(p̂ ‖ p) = Σ p̂ log(p̂/p) (nats). KL runs
+from the fit to the truth because KL(p ‖ p̂) is infinite from the first lost outcome on (and a non-finite
+metric would stop the chain); KL(p̂ ‖ p) is finite, and zero only when p̂ = p.
+
+The family is batched and a dataset is its count vector (draws are exchangeable, and every fit needs only
+counts): a sample of n draws is n uniforms per seed mapped through the fit's cumulative counts, a subsample
+of m draws without replacement is m distinct positions of the dataset (`seeding.choose`) mapped the same way,
+so every dataset is a pure function of its streams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy.special import xlogy
+
+from modelcollapse import theory as closed_forms
+from modelcollapse.seeding import choose, stream_keys, uniform
+from modelcollapse.store import atomic_save_npz
+
+PRIMARY_METRIC = "gini_simpson"  # the Wright–Fisher heterozygosity: exact under every policy
+CHUNK = 1 << 15  # draws (or positions) handled at once: a chunk of seeds stays in the CPU cache, 2× faster than all at once
+TAIL = 0.1  # tail_mass watches the outcomes that make up the truth's last 10% of mass
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k: int = Field(100, ge=2, le=1_000_000, description="number of outcomes K")
+    n: int = Field(100, ge=1, le=10_000_000, description="draws per generation (the real data and each synthetic set)")
+    zipf: float = Field(1.0, ge=0.0, le=100.0, description="Zipf exponent s of the truth, p_i ∝ i^(−s); 0 is uniform")
+    probs: list[float] | None = Field(None, description="the true probabilities instead (K positive numbers summing to 1)")
+    smoothing: float = Field(0.0, ge=0.0, description="additive smoothing α of the fit: (c + α)/(N + Kα)")
+    method: Literal["fast", "loop"] = Field("fast", description="every seed of a policy at once, or one seed at a time with a folder per generation")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.probs is not None:
+            p = np.asarray(self.probs, dtype=float)
+            if "k" in self.model_fields_set and self.k != len(p):
+                raise ValueError(f"k = {self.k} but probs has {len(p)} entries; give one of them")
+            if len(p) < 2 or not np.all(np.isfinite(p)) or p.min() <= 0 or abs(p.sum() - 1) > 1e-6:
+                raise ValueError("probs must be at least 2 positive numbers summing to 1 (an outcome of probability 0 is no outcome)")
+            if "zipf" in self.model_fields_set:
+                raise ValueError("give zipf or probs, not both")
+        return self
+
+    @property
+    def truth(self) -> np.ndarray:
+        """The true probabilities p (K,)."""
+        if self.probs is not None:
+            p = np.asarray(self.probs, dtype=float)
+        else:
+            p = np.arange(1, self.k + 1, dtype=float) ** -self.zipf
+        return p / p.sum()
+
+    @property
+    def K(self) -> int:
+        return len(self.probs) if self.probs is not None else self.k
+
+
+def tail_of(p: np.ndarray) -> np.ndarray:
+    """The outcomes that make up p's last 10% of mass: the fewest least probable outcomes holding at least 10%
+    of it (on a tie, later outcomes first). A boolean mask (K,)."""
+    order = np.argsort(-p, kind="stable")[::-1]
+    before = np.cumsum(p[order]) - p[order]
+    tail = np.zeros(len(p), dtype=bool)
+    tail[order] = before < TAIL - 1e-12
+    return tail
+
+
+@dataclass
+class Counts:
+    """A dataset of every seed: how many of its `n` draws fell on each outcome, (S, K)."""
+
+    counts: np.ndarray
+    n: int
+
+
+@dataclass
+class Fitted:
+    counts_: np.ndarray  # (S, K): the training counts
+    n_: int  # N, the training draws
+    alpha: float
+
+    @property
+    def p_(self) -> np.ndarray:
+        """The fitted probabilities (S, K)."""
+        K = self.counts_.shape[1]
+        return (self.counts_ + self.alpha) / (self.n_ + K * self.alpha)
+
+
+def compact(counts: np.ndarray, n: int) -> np.ndarray:
+    """Counts in the smallest unsigned type that holds n: the loop keeps every generation's set in its pool."""
+    return counts.astype(np.min_scalar_type(n))
+
+
+def _tally(S: int, K: int, category: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return np.bincount((rows * K + category).ravel(), minlength=S * K).reshape(S, K)
+
+
+def tally_positions(counts: np.ndarray, positions: np.ndarray, N: int) -> np.ndarray:
+    """How many of each seed's `positions` (S, m) in 0..N−1 fall on each outcome, its N draws laid out outcome
+    by outcome (the first c_0 positions are outcome 0's, and so on): counts (S, K). Integers only: the hits
+    per position, their running sum, read at each outcome's end. In chunks of seeds."""
+    S, K = counts.shape
+    out = np.empty((S, K), dtype=np.int64)
+    step = max(1, CHUNK // (N + 1))
+    for lo in range(0, S, step):
+        c, pos = counts[lo : lo + step], positions[lo : lo + step]
+        s = len(c)
+        hits = np.bincount((pos + np.arange(s)[:, None] * N).ravel(), minlength=s * N).reshape(s, N)
+        before = np.zeros((s, N + 1), dtype=np.int64)  # before[:, j]: hits at positions < j
+        np.cumsum(hits, axis=1, out=before[:, 1:])
+        at_ends = np.take_along_axis(before, np.cumsum(c, axis=1, dtype=np.int64), axis=1)
+        out[lo : lo + step] = np.diff(at_ends, axis=1, prepend=0)
+    return out
+
+
+class Family:
+    batched = True
+
+    def __init__(self, config: Config, *, device: str = "cpu", cache_dir: Path | None = None):
+        self.config = config
+        self.vectorised = config.method == "fast"
+        self.p = config.truth
+        self.cdf = np.cumsum(self.p)
+        self.cdf[-1] = 1.0  # uniforms reach 1: the last outcome takes whatever rounding left
+        self.tail = tail_of(self.p)
+        self._pool: tuple[list, Counts] | None = None  # the last concatenation, extended when the pool grows
+
+    def real_data(self, split: str, seed, draw: int = 0) -> Counts | np.ndarray:
+        """n draws from the truth per seed; "test" is the truth itself, which every metric compares with."""
+        if split == "test":
+            return self.p
+        seeds = np.atleast_1d(np.asarray(seed, dtype=np.int64))
+        S, K, n = len(seeds), self.config.K, self.config.n
+        keys = stream_keys(seeds, "categorical", "real", draw)
+        counts = np.empty((S, K), dtype=np.int64)
+        step = max(1, CHUNK // n)
+        for lo in range(0, S, step):
+            u = uniform(keys[lo : lo + step, None], np.arange(n, dtype=np.uint64))
+            category = np.searchsorted(self.cdf, u)  # the first outcome whose cumulative probability reaches u
+            counts[lo : lo + step] = _tally(len(u), K, category, np.arange(len(u))[:, None])
+        return Counts(compact(counts, n), n)
+
+    def size(self, data: Counts) -> int:
+        return data.n
+
+    def concat(self, datasets: list[Counts]) -> Counts:
+        if self._pool is not None:  # the pool only grows: add what is new to the last sum
+            done, total = self._pool
+            if len(done) < len(datasets) and all(a is b for a, b in zip(done, datasets)):
+                datasets_new = datasets[len(done) :]
+                total = Counts(total.counts + sum(d.counts.astype(np.int64) for d in datasets_new), total.n + sum(d.n for d in datasets_new))
+                self._pool = (list(datasets), total)
+                return total
+        total = Counts(sum(d.counts.astype(np.int64) for d in datasets), sum(d.n for d in datasets))
+        self._pool = (list(datasets), total)
+        return total
+
+    def subsample(self, data: Counts, size: int, seed) -> Counts:
+        return Counts(compact(tally_positions(data.counts, choose(seed, data.n, size), data.n), size), size)
+
+    def fit(self, train: Counts, seed, workdir: Path | None) -> Fitted:
+        return Fitted(train.counts.astype(np.int64), train.n, self.config.smoothing)
+
+    def evaluate(self, model: Fitted, p: np.ndarray, seed, workdir: Path | None) -> dict[str, np.ndarray]:
+        p_hat = model.p_
+        plogp = xlogy(p_hat, p_hat).sum(axis=1)  # 0 log 0 = 0
+        return {
+            "gini_simpson": 1 - np.einsum("sk,sk->s", p_hat, p_hat),
+            "entropy": -plogp,
+            "lost": np.count_nonzero(p_hat == 0, axis=1).astype(float),
+            "tail_mass": p_hat @ self.tail.astype(float),
+            "tv": 0.5 * np.abs(p_hat - p).sum(axis=1),
+            "kl": plogp - p_hat @ np.log(p),
+        }
+
+    def sample(self, model: Fitted, size: int, like: Counts, seed, workdir: Path | None) -> Counts:
+        """`size` draws from p̂ = (c + α)/(N + Kα) per seed: v uniform on (0, N + Kα] is a training draw's
+        position when v < N (that draw's outcome, mass c_k/(N + Kα) each) and outcome ⌊(v − N)/α⌋ after."""
+        keys = np.asarray(seed, dtype=np.uint64)
+        S, K = model.counts_.shape
+        N, alpha = model.n_, model.alpha
+        counts = np.zeros((S, K), dtype=np.int64)
+        step = max(1, CHUNK // max(size, 1))
+        for lo in range(0, S, step):
+            c = model.counts_[lo : lo + step]
+            v = uniform(keys[lo : lo + step, None], np.arange(size, dtype=np.uint64)) * (N + K * alpha)
+            if alpha == 0:  # v = N itself (a uniform of 1) is the last position
+                counts[lo : lo + step] = tally_positions(c, np.minimum(v.astype(np.int64), N - 1), N)
+                continue
+            drawn = v < N
+            counts[lo : lo + step] = tally_positions(c, np.where(drawn, v.astype(np.int64), N), N + 1)  # N: a slot past every outcome
+            rows = np.broadcast_to(np.arange(len(c))[:, None], v.shape)
+            counts[lo : lo + step] += _tally(len(c), K, np.minimum(((v[~drawn] - N) / alpha).astype(np.int64), K - 1), rows[~drawn])
+        data = Counts(compact(counts, size), size)
+        if workdir is not None:
+            atomic_save_npz(Path(workdir) / "synthetic.npz", counts=data.counts, n=size)
+        return data
+
+    def load_sample(self, workdir: Path) -> Counts:
+        with np.load(Path(workdir) / "synthetic.npz") as f:
+            return Counts(f["counts"], int(f["n"]))
+
+    def save_model(self, model: Fitted, workdir: Path) -> None:
+        atomic_save_npz(Path(workdir) / "categorical.npz", counts=compact(model.counts_, model.n_), n=model.n_, alpha=model.alpha)
+
+    def load_model(self, workdir: Path) -> Fitted:
+        with np.load(Path(workdir) / "categorical.npz") as f:
+            return Fitted(f["counts"].astype(np.int64), int(f["n"]), float(f["alpha"]))
+
+
+def memory_estimate(config: Config, seeds: int, iterations: int, vectorised: bool) -> int:
+    """Bytes a run holds at its peak: every generation's counts in the pool (the smallest integer type that
+    holds n), the pool's sum, a fit's arrays and the chunked draws."""
+    S, K = (seeds if vectorised else 1), config.K
+    held = np.dtype(np.min_scalar_type(config.n)).itemsize
+    return S * K * (held * iterations + 8 * 8) + 8 * 6 * CHUNK + (1 << 27)
+
+
+_THEORY: dict = {}
+THEORY_CACHE = 64  # (config, policy, iterations) results kept
+
+
+def theory(config: Config, policy, iterations: int) -> dict[str, np.ndarray] | None:
+    """Exact expectations: gini_simpson in closed form under every built-in policy when α = 0 (second moments
+    of one-hot vectors); every metric by propagating one outcome's count where that costs at most
+    theory.CHAIN_BUDGET (see docs/theory.md). Cached: the report asks once per metric."""
+    key = (config.model_dump_json(), policy.model_dump_json(), iterations)
+    if key not in _THEORY:
+        p = config.truth
+        chain = closed_forms.categorical_chain(policy, p, tail_of(p), config.n, config.smoothing, iterations) or {}
+        if config.smoothing == 0:
+            moments = closed_forms.second_moments(policy, config.n, iterations, ddof=0)
+            if moments is not None:
+                chain["gini_simpson"] = (1 - np.sum(p**2)) * moments[0]
+        if len(_THEORY) >= THEORY_CACHE:
+            _THEORY.pop(next(iter(_THEORY)))
+        _THEORY[key] = chain or None
+    return _THEORY[key]
