@@ -304,7 +304,7 @@ name = "slow"
 family = "linreg"
 policies = ["replace", "accumulate"]
 seeds = 4
-iterations = 20
+iterations = 80
 [base.linreg]
 d = 3
 T = 10
