@@ -172,6 +172,8 @@ class ConformerDiffusion(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        for head in (self.local_head, self.global_head):
+            nn.init.zeros_(head.out[-1].weight)  # every prediction 0 at the start: the loss starts where zero's is
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         # sinusoidal features of t/T, as in DDPM's transformer-style position encoding
