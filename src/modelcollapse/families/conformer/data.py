@@ -110,6 +110,14 @@ def pair_paths(mol: Chem.Mol, pairs: np.ndarray, types: np.ndarray) -> np.ndarra
     return paths
 
 
+def contact_distances(mol: Chem.Mol, pairs: np.ndarray, types: np.ndarray) -> np.ndarray:
+    """(P,) float32: for pairs three or more bonds apart (in one molecule's torsions' reach), the distance
+    below which RDKit's bond perception would see a bond, r_i + r_j + 0.45 Å (a clash); 0 for closer pairs."""
+    table = Chem.GetPeriodicTable()
+    r = np.array([table.GetRcovalent(a.GetAtomicNum()) for a in mol.GetAtoms()])
+    return np.where((types == 0) | (types == 6), r[pairs[0]] + r[pairs[1]] + 0.45, 0.0).astype(np.float32)
+
+
 def heavy_degree(atom: Chem.Atom) -> int:
     return sum(n.GetAtomicNum() > 1 for n in atom.GetNeighbors())
 
@@ -164,6 +172,7 @@ class MolGraph:
     torsions: np.ndarray  # (K, 4), see rotatable_torsions
     sides: np.ndarray  # (K, N), see torsion_sides
     heavy: np.ndarray  # (H,) the heavy atoms, which the metrics compare
+    contact: np.ndarray  # (P,) float32, see contact_distances
     local: np.ndarray | None = field(default=None)  # (N, 3) the torsion model's bond lengths and angles
 
     @classmethod
@@ -178,7 +187,7 @@ class MolGraph:
         heavy = np.array([a.GetIdx() for a in mol.GetAtoms() if a.GetAtomicNum() > 1], dtype=np.int64)
         return cls(mol, name, smiles, hashlib.sha1(f"{smiles} {order}".encode()).hexdigest(), atom_features(mol),
                    pairs, types, pair_paths(mol, pairs, types), torsions, torsion_sides(mol, torsions), heavy,
-                   None if local is None else np.asarray(local, dtype=np.float32))
+                   contact_distances(mol, pairs, types), None if local is None else np.asarray(local, dtype=np.float32))
 
     @property
     def n_atoms(self) -> int:
@@ -321,6 +330,7 @@ def make_torsion_batch(graphs: list[MolGraph], pos: list[np.ndarray]) -> Torsion
         moving=torch.from_numpy(np.concatenate(moving, axis=1)),
         crossing=torch.from_numpy(np.concatenate(crossing, axis=1)),
         paths=torch.from_numpy(np.concatenate(paths)),
+        contact=torch.from_numpy(np.concatenate([g.contact for g in graphs])),
     )
 
 

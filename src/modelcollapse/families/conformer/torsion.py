@@ -28,10 +28,12 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .model import AtomEncoder, Batch, MessageLayer, N_PAIR_TYPES
 
 
+STERIC_MARGIN = 0.4  # Å beyond RDKit's bond cut-off where the steric term starts to push atoms apart
 N_HARMONICS = 3  # of a torsion's own score: 3-fold (sp3-sp3) and 2-fold (sp2) preferences and their mixes
 
 
@@ -56,10 +58,11 @@ class TorsionBatch:
     moving: torch.Tensor  # (2, M) long: (torsion, atom) for every atom a change of that torsion moves
     crossing: torch.Tensor  # (3, C) long: (pair, torsion, +1 if the pair's first atom moves else −1)
     paths: torch.Tensor  # (P, 4) long: the path of each pair three bonds apart, −1 rows for the other pairs
+    contact: torch.Tensor  # (P,) float: r_i + r_j + 0.45 Å (RDKit's bond cut-off) for pairs >= 3 bonds apart, else 0
 
     def to(self, device) -> TorsionBatch:
         return TorsionBatch(self.base.to(device), *(t.to(device) for t in (
-            self.torsions, self.tor_mol, self.tor_round, self.moving, self.crossing, self.paths)))
+            self.torsions, self.tor_mol, self.tor_round, self.moving, self.crossing, self.paths, self.contact)))
 
 
 # -- geometry on the torus ------------------------------------------------------------------------------------
@@ -144,6 +147,7 @@ class TorsionDiffusion(nn.Module):
         # the bond's own torsion preference: Fourier coefficients of the score in its dihedral φ (a-b-c-d),
         # from the four atoms' features, as a force field's torsion terms
         self.fourier = nn.Sequential(nn.Linear(4 * H, H), nn.SiLU(), nn.Linear(H, 2 * N_HARMONICS))
+        self.steric = nn.Linear(H, 1)  # softplus of it: the strength of the clash term at each σ
         self.register_buffer("rbf_mu", torch.linspace(0.0, config.rbf_max, config.n_rbf), persistent=False)
         self.rbf_gamma = (config.n_rbf / config.rbf_max) ** 2
 
@@ -184,7 +188,8 @@ class TorsionDiffusion(nn.Module):
         phi = dihedral(pos, batch.paths[is_14])
         trig = pos.new_zeros(len(dist), 2).index_put((is_14.nonzero()[:, 0],), torch.stack([phi.cos(), phi.sin()], -1))
         e = self.pair_type(base.pair_type) + self.pair_rbf(rbf) + self.pair_torsion(trig)  # (P, H)
-        h = self.atom_encoder(base.atoms) + self.sigma_embedding(sigma)[base.mol]  # (N, H)
+        s_emb = self.sigma_embedding(sigma)  # (n_mols, H)
+        h = self.atom_encoder(base.atoms) + s_emb[base.mol]  # (N, H)
         for layer in self.layers:
             h = layer(h, i, j, e)
         w = self.w_out(self.w_i(h)[i] + self.w_j(h)[j] + e).squeeze(-1)  # (P,) an invariant weight per pair
@@ -201,7 +206,12 @@ class TorsionDiffusion(nn.Module):
         n = torch.arange(1, N_HARMONICS + 1, device=pos.device)
         phi = dihedral(pos, batch.torsions)[:, None] * n  # (K, N_HARMONICS)
         own = (coef[:, :N_HARMONICS] * phi.sin() + coef[:, N_HARMONICS:] * phi.cos()).sum(-1)  # (K,)
-        return (torque + own) * score_norm(sigma[batch.tor_mol], self.config).sqrt()  # the paper's output scaling
+        # a steric term of fixed shape and learned strength a(σ) >= 0: the score of −a/2 Σ (contact + margin − d)²
+        # over the pairs that overlap, which pushes atoms apart before RDKit would read a bond between them
+        overlap = (batch.contact[p] + STERIC_MARGIN - dist[p]).clamp(min=0) * (batch.contact[p] > 0)
+        steric = pos.new_zeros(len(batch.torsions)).index_add_(0, k, overlap * dd)
+        steric = 10.0 * F.softplus(self.steric(s_emb)).squeeze(-1)[batch.tor_mol] * steric
+        return (torque + own + steric) * score_norm(sigma[batch.tor_mol], self.config).sqrt()  # the paper's scaling
 
     def forward(self, batch: TorsionBatch, sigma=None, delta=None, generator=None):
         """The weighted denoising score-matching loss of batch.base.pos's torsions. sigma (n_mols,) is drawn
