@@ -107,6 +107,8 @@ class Config(BaseModel):
     # torsion model
     sigma_min: float = Field(0.01 * math.pi, gt=0.0, description="radians, the smallest torsion noise")
     sigma_max: float = Field(math.pi, gt=0.0, description="radians, the largest torsion noise (π: nearly uniform)")
+    steric_guidance: float = Field(3.0, ge=0.0, description="per Å², the strength of the sampler's fixed steric "
+                                   "term, which turns torsions to keep atoms from clashing (0: none)")
     # cartesian model
     radius: float = Field(10.0, gt=0.0, description="Å: atoms this close in the noisy input are global edges")
     diffusion_steps: int = Field(5000, ge=100, description="T, the length of the training diffusion chain")
@@ -192,7 +194,8 @@ class Family:
     def net_config(self) -> TorsionConfig | NetConfig:
         c = self.config
         if c.model == "torsion":
-            return TorsionConfig(hidden=c.hidden, layers=c.layers, sigma_min=c.sigma_min, sigma_max=c.sigma_max)
+            return TorsionConfig(hidden=c.hidden, layers=c.layers, sigma_min=c.sigma_min, sigma_max=c.sigma_max,
+                                 steric_guidance=c.steric_guidance)
         return NetConfig(hidden=c.hidden, layers=c.layers, radius=c.radius, diffusion_steps=c.diffusion_steps,
                          schedule=c.schedule, global_sigma=c.global_sigma)
 

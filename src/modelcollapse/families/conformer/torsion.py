@@ -16,7 +16,15 @@ torque: the network gives every atom pair an invariant weight w_ij, and the scor
 a density ∝ exp(−E(distances)); the torque changes sign under reflection, as a torsion does.
 Where it differs: the paper's network is an e3nn tensor-product network; here an invariant message-passing
 network over every atom pair of the molecule (atom pairs carry their distance, their relation in the graph,
-and, three bonds apart, the sine and cosine of the torsion between them), in plain torch.
+and, three bonds apart, the sine and cosine of the torsion between them), in plain torch, whose output adds to
+the torque each torsion's own preference: a Fourier series in its dihedral with coefficients from the network
+(a force field's torsion term). The sampler adds steric guidance, a fixed term that is not learned: the score
+of exp(−λ/2 Σ (contact_ij + 0.4 Å − d_ij)²₊) over pairs three or more bonds apart, contact_ij being the distance
+at which RDKit would read a bond between them, scaled with σ as the network's output is. At CPU scale (about
+100 training molecules, 600 steps) the network alone leaves 10-20% of generated conformers with two atoms
+closer than a bond; λ = 3 per Å² removes them (measured: 0.81 -> 1.00 valid, COV-R 0.72 -> 0.80). A
+guidance strength that the model learned instead collapsed under replace with everything else (valid
+0.97 -> 0.78 in three generations), so sampling keeps the steric term fixed, as it keeps bond lengths.
 """
 
 from __future__ import annotations
@@ -28,7 +36,6 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .model import AtomEncoder, Batch, MessageLayer, N_PAIR_TYPES
 
@@ -45,6 +52,7 @@ class TorsionConfig:
     rbf_max: float = 12.0  # Å: the basis spans 0 .. rbf_max (drug-like molecules of <= 30 heavy atoms fit)
     sigma_min: float = 0.01 * math.pi  # the paper's noise range, in radians
     sigma_max: float = math.pi
+    steric_guidance: float = 3.0  # λ, per Å²: the strength of the sampler's steric term (0: none)
 
 
 @dataclass
@@ -124,6 +132,20 @@ def score_norm(sigma: torch.Tensor, config: TorsionConfig) -> torch.Tensor:
     return torch.as_tensor(out, dtype=sigma.dtype, device=sigma.device)
 
 
+def steric_score(batch: TorsionBatch, pos: torch.Tensor) -> torch.Tensor:
+    """(K,) the torsion score of exp(−½ Σ (contact_ij + STERIC_MARGIN − d_ij)²₊): it turns each torsion so as to
+    push apart the atom pairs (three or more bonds apart) that come within STERIC_MARGIN of a clash."""
+    i, j = batch.base.pairs
+    p, k, sign = batch.crossing
+    m, f = torch.where(sign > 0, i[p], j[p]), torch.where(sign > 0, j[p], i[p])
+    b, c = pos[batch.torsions[k, 1]], pos[batch.torsions[k, 2]]
+    u = (c - b) / (c - b).norm(dim=-1, keepdim=True)
+    d = (pos[m] - pos[f]).norm(dim=-1)
+    overlap = (batch.contact[p] + STERIC_MARGIN - d).clamp(min=0) * (batch.contact[p] > 0)  # (C,) Å
+    dd = (u * torch.cross(pos[f] - c, pos[m] - c, dim=-1)).sum(-1) / d  # ∂d/∂θ_k, as in the score's torque
+    return pos.new_zeros(len(batch.torsions)).index_add_(0, k, overlap * dd)
+
+
 def sigma_schedule(config: TorsionConfig, steps: int) -> np.ndarray:
     """The sampler's noise levels, geometric from sigma_max down to sigma_min (excluded), as the paper's."""
     return np.geomspace(config.sigma_max, config.sigma_min, steps + 1)[:-1]
@@ -147,7 +169,6 @@ class TorsionDiffusion(nn.Module):
         # the bond's own torsion preference: Fourier coefficients of the score in its dihedral φ (a-b-c-d),
         # from the four atoms' features, as a force field's torsion terms
         self.fourier = nn.Sequential(nn.Linear(4 * H, H), nn.SiLU(), nn.Linear(H, 2 * N_HARMONICS))
-        self.steric = nn.Linear(H, 1)  # softplus of it: the strength of the clash term at each σ
         self.register_buffer("rbf_mu", torch.linspace(0.0, config.rbf_max, config.n_rbf), persistent=False)
         self.rbf_gamma = (config.n_rbf / config.rbf_max) ** 2
 
@@ -206,12 +227,7 @@ class TorsionDiffusion(nn.Module):
         n = torch.arange(1, N_HARMONICS + 1, device=pos.device)
         phi = dihedral(pos, batch.torsions)[:, None] * n  # (K, N_HARMONICS)
         own = (coef[:, :N_HARMONICS] * phi.sin() + coef[:, N_HARMONICS:] * phi.cos()).sum(-1)  # (K,)
-        # a steric term of fixed shape and learned strength a(σ) >= 0: the score of −a/2 Σ (contact + margin − d)²
-        # over the pairs that overlap, which pushes atoms apart before RDKit would read a bond between them
-        overlap = (batch.contact[p] + STERIC_MARGIN - dist[p]).clamp(min=0) * (batch.contact[p] > 0)
-        steric = pos.new_zeros(len(batch.torsions)).index_add_(0, k, overlap * dd)
-        steric = 10.0 * F.softplus(self.steric(s_emb)).squeeze(-1)[batch.tor_mol] * steric
-        return (torque + own + steric) * score_norm(sigma[batch.tor_mol], self.config).sqrt()  # the paper's scaling
+        return (torque + own) * score_norm(sigma[batch.tor_mol], self.config).sqrt()  # the paper's output scaling
 
     def forward(self, batch: TorsionBatch, sigma=None, delta=None, generator=None):
         """The weighted denoising score-matching loss of batch.base.pos's torsions. sigma (n_mols,) is drawn
@@ -249,7 +265,9 @@ class TorsionDiffusion(nn.Module):
             sigma = torch.full((batch.base.n_mols,), float(s), device=dev)
             g2 = s**2 * 2 * math.log(c.sigma_max / c.sigma_min)  # g(t)² of σ(t) = σ_min^(1−t) σ_max^t
             z = torch.randn(K, generator=generator, device=gen_dev).to(dev)
-            step = g2 * dt * self.score(batch, pos, sigma) + math.sqrt(g2 * dt) * z
+            # steric guidance, scaled with σ as the network's output is
+            guide = c.steric_guidance * score_norm(sigma[:1], c).sqrt() * steric_score(batch, pos)
+            step = g2 * dt * (self.score(batch, pos, sigma) + guide) + math.sqrt(g2 * dt) * z
             pos = rotate_torsions(pos, batch, step)
             if progress is not None:
                 progress.update(1)
