@@ -28,7 +28,8 @@ from modelcollapse.families.conformer.metrics import (  # noqa: E402
     bonds_recovered, chirality_kept, conformer_metrics, rmsd_matrix, symmetries)
 from modelcollapse.families.conformer.model import ConformerDiffusion, NetConfig  # noqa: E402
 from modelcollapse.families.conformer.torsion import (  # noqa: E402
-    TorsionConfig, TorsionDiffusion, dihedral, rotate_torsions, score_norm, wrapped_normal_score)
+    STERIC_MARGIN, TorsionConfig, TorsionDiffusion, dihedral, rotate_torsions, score_norm, steric_score,
+    wrapped_normal_score)
 from modelcollapse.loop import run_experiment  # noqa: E402
 from modelcollapse.store import read_metrics  # noqa: E402
 
@@ -358,6 +359,33 @@ def test_the_torque_is_the_derivative_of_a_pair_energy():
     dd = (u * torch.cross(x[f] - c, x[m] - c, dim=-1)).sum(-1) / (x[i] - x[j]).norm(dim=-1)[p]
     torque = torch.zeros(K, dtype=torch.float64).index_add_(0, k, w[p] * dd)
     torch.testing.assert_close(torque, numeric, atol=1e-6, rtol=1e-6)
+
+
+def test_steric_guidance_is_the_derivative_of_its_penalty_and_removes_a_clash():
+    mol, pos = embedded("CCCCCCCCCC", 1)  # decane: turning its torsions can fold the chain onto itself
+    graph = D.MolGraph.from_mol(mol, "decane")
+    batch = D.make_torsion_batch([graph], [pos[0]])
+    x = batch.base.pos.double()
+    i, j = batch.base.pairs  # every pair in both orders
+    contact = batch.contact.double()
+
+    def penalty(y):  # Σ over unordered pairs of the squared overlap
+        d = (y[i] - y[j]).norm(dim=-1)
+        return 0.5 * (((contact + STERIC_MARGIN - d).clamp(min=0) * (contact > 0)) ** 2).sum()
+
+    g, K = torch.Generator().manual_seed(0), len(graph.torsions)
+    folded = x
+    while bonds_recovered(mol, folded.numpy()):  # random torsions until two atoms clash
+        folded = rotate_torsions(x, batch, (torch.rand(K, generator=g, dtype=torch.float64) * 2 - 1) * math.pi)
+    eye = torch.eye(K, dtype=torch.float64)
+    numeric = torch.stack([(penalty(rotate_torsions(folded, batch, 1e-6 * e))
+                            - penalty(rotate_torsions(folded, batch, -1e-6 * e))) / 2e-6 for e in eye])
+    assert numeric.abs().max() > 0.1
+    torch.testing.assert_close(steric_score(batch, folded), -numeric, atol=1e-5, rtol=1e-5)
+    y = folded
+    for _ in range(200):  # ascent on the guidance alone unfolds the chain
+        y = rotate_torsions(y, batch, 0.05 * steric_score(batch, y))
+    assert penalty(y) < 1e-6 and bonds_recovered(mol, y.numpy())
 
 
 def test_torsion_score_is_rotation_invariant_and_flips_under_reflection(family):

@@ -19,7 +19,7 @@ network over every atom pair of the molecule (atom pairs carry their distance, t
 and, three bonds apart, the sine and cosine of the torsion between them), in plain torch, whose output adds to
 the torque each torsion's own preference: a Fourier series in its dihedral with coefficients from the network
 (a force field's torsion term). The sampler adds steric guidance, a fixed term that is not learned: the score
-of exp(−λ/2 Σ (contact_ij + 0.4 Å − d_ij)²₊) over pairs three or more bonds apart, contact_ij being the distance
+of exp(−λ Σ_{i<j} (contact_ij + 0.4 Å − d_ij)²₊) over pairs three or more bonds apart, contact_ij being the distance
 at which RDKit would read a bond between them, scaled with σ as the network's output is. At CPU scale (about
 100 training molecules, 600 steps) the network alone leaves 10-20% of generated conformers with two atoms
 closer than a bond; λ = 3 per Å² removes them (measured: 0.81 -> 1.00 valid, COV-R 0.72 -> 0.80). A
@@ -133,8 +133,8 @@ def score_norm(sigma: torch.Tensor, config: TorsionConfig) -> torch.Tensor:
 
 
 def steric_score(batch: TorsionBatch, pos: torch.Tensor) -> torch.Tensor:
-    """(K,) the torsion score of exp(−½ Σ (contact_ij + STERIC_MARGIN − d_ij)²₊): it turns each torsion so as to
-    push apart the atom pairs (three or more bonds apart) that come within STERIC_MARGIN of a clash."""
+    """(K,) the torsion score of exp(−Σ_{i<j} (contact_ij + STERIC_MARGIN − d_ij)²₊): it turns each torsion so as
+    to push apart the atom pairs (three or more bonds apart) that come within STERIC_MARGIN of a clash."""
     i, j = batch.base.pairs
     p, k, sign = batch.crossing
     m, f = torch.where(sign > 0, i[p], j[p]), torch.where(sign > 0, j[p], i[p])
