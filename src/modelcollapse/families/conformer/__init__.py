@@ -43,6 +43,7 @@ import io
 import json
 import logging
 import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -235,7 +236,7 @@ class Family:
         noise = torch.Generator(device=self.device).manual_seed(derive_seed(seed, "noise"))
         order, queue = rng(derive_seed(seed, "batches")), np.zeros(0, dtype=np.int64)
         B, steps = min(c.batch_size, len(train)), self.steps(len(train))
-        losses = []
+        losses, t0 = [], time.perf_counter()
         for step in tqdm(range(steps), desc="conformer fit", disable=None):
             if len(queue) < B:  # epochs: every conformer once before any twice
                 queue = np.concatenate([queue, order.permutation(len(train))])
@@ -255,7 +256,7 @@ class Family:
         every = max(1, len(losses) // 50)
         atomic_write_json(Path(workdir) / "fit.json", {
             "model": c.model, "train_conformers": len(train), "train_molecules": len(train.graphs), "steps": steps,
-            "data_left_out": self.left_out, "loss_every": every,
+            "seconds": round(time.perf_counter() - t0, 3), "data_left_out": self.left_out, "loss_every": every,
             "train_loss": [float(np.mean(losses[k:k + every])) for k in range(0, len(losses), every)],
         })
         return model
