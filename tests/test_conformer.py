@@ -478,7 +478,7 @@ def test_train_epochs_grow_with_the_data(family, tmp_path):
     assert by_epochs.steps(3 * len(train)) == math.ceil(6 * len(train) / TINY["batch_size"])
     assert family.steps(3 * len(train)) == family.steps(len(train)) == TINY["train_steps"]
     model = by_epochs.fit(train, seed=1, workdir=tmp_path)
-    assert json.loads((tmp_path / "fit.json").read_text())["steps"] == len(model.loss_curve_)
+    assert json.loads((tmp_path / "train.json").read_text())["steps"] == len(model.loss_curve_)
 
 
 def test_fit_and_sample_are_deterministic_per_seed(family, fitted, tmp_path):
@@ -667,7 +667,7 @@ def test_tiny_run_through_the_loop(smiles_file, tmp_path):
     gen = out / "replace" / "seed-0"
     assert (gen / "gen-1" / "synthetic.npz").exists() and (gen / "gen-2" / "samples.png").exists()
     assert (gen / "gen-2" / "model.safetensors").exists()
-    fit = json.loads((gen / "gen-2" / "fit.json").read_text())
+    fit = json.loads((gen / "gen-2" / "train.json").read_text())
     assert fit["data_left_out"] == {"fewer than 1 rotatable bonds": len(RIGID)}  # counted in every generation
 
 
@@ -692,3 +692,4 @@ def test_bad_input_through_the_cli(tmp_path, case):
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and want in result.stderr
     assert not (tmp_path / "out").exists()
+

@@ -156,14 +156,14 @@ BASELINE_COLOURS = ("#7f7f7f", "#8c564b", "#e377c2", "#bcbd22")
 def draw_baselines(ax, run: Run, metric: str) -> None:
     """The family's trivial baselines for `metric` as labelled dotted horizontal lines, when its module has
     `baselines(config, cache_dir) -> {metric: {name: value}}` (read once per run, from the manifest's config)."""
-    module = family_extras(run.family)[2]
-    if not hasattr(module, "baselines"):
+    spec = family_extras(run.family)
+    if spec is None or not hasattr(spec.module, "baselines"):
         return
     if not hasattr(run, "baselines"):
         from modelcollapse.loop import cache_dir
 
         try:
-            run.baselines = module.baselines(module.Config(**run.config[run.family]), cache_dir())
+            run.baselines = spec.module.baselines(spec.Config(**run.config.get(spec.table, {})), cache_dir())
         except ValueError:  # BadInput too: e.g. the data file is gone; the curves are drawn without baselines
             run.baselines = {}
     for k, (name, value) in enumerate(run.baselines.get(metric, {}).items()):

@@ -32,7 +32,8 @@ Metrics (metrics.py), per generation:
 `baselines(config, cache_dir)` gives the same metrics for three trivial generators (fresh ETKDG conformers,
 uniformly random torsions on one ETKDG conformer, that one conformer repeated), once per data set; the report
 draws them beside the curves.
-Artefacts: samples.sdf (every generated test conformer) and samples.png (a few, next to a reference).
+Artefacts: samples.sdf (every generated test conformer), samples.png (a few, next to a reference), and
+train.json (the loss curve, the fit's steps and seconds, and the molecules the loader left out, by reason).
 """
 
 from __future__ import annotations
@@ -254,7 +255,9 @@ class Family:
         model.eval()
         model.loss_curve_ = losses
         every = max(1, len(losses) // 50)
-        atomic_write_json(Path(workdir) / "fit.json", {
+        if workdir is None:
+            return model
+        atomic_write_json(Path(workdir) / "train.json", {
             "model": c.model, "train_conformers": len(train), "train_molecules": len(train.graphs), "steps": steps,
             "seconds": round(time.perf_counter() - t0, 3), "data_left_out": self.left_out, "loss_every": every,
             "train_loss": [float(np.mean(losses[k:k + every])) for k in range(0, len(losses), every)],
@@ -286,7 +289,8 @@ class Family:
         extra = np.sort(rng(derive_seed(seed, "like")).choice(len(like), size=rest, replace=False))
         idx = np.concatenate([np.tile(np.arange(len(like)), rounds), extra])
         synthetic = self.generate(model, like.take(idx), seed)
-        D.save_set(Path(workdir) / "synthetic", synthetic)
+        if workdir is not None:
+            D.save_set(Path(workdir) / "synthetic", synthetic)
         return synthetic
 
     def load_sample(self, workdir: Path) -> ConformerSet:
@@ -328,7 +332,8 @@ class Family:
         metrics = {"test_loss": self.test_loss(model, test)}
         generated = self.generate(model, test.take(np.repeat(np.arange(len(test)), GEN_PER_REF)), seed)
         metrics |= conformer_metrics(test, generated, self.config.cov_threshold)
-        write_samples(test, generated, Path(workdir))
+        if workdir is not None:
+            write_samples(test, generated, Path(workdir))
         return metrics
 
     # -- checkpoints ----------------------------------------------------------------------------------------
