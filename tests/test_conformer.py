@@ -150,7 +150,7 @@ def test_smiles_loader_skips_bad_records_and_counts_them(tmp_path):
     assert [name for name, _ in records] == ["aspirin", "paracetamol", "caffeine"] and bad == 2
     data, left_out = D.load_molecules(source(path, min_rotatable_bonds=1), tmp_path / "cache")
     assert len(data.graphs) == 2 and len(data) == 4
-    assert left_out == {"unparsable": 2, "fewer than 1 rotatable bonds": 1}
+    assert left_out == {"unparsable": 2, "fewer than 1 rotatable bond": 1}
     # the counts come back with a cache hit
     assert D.load_molecules(source(path, min_rotatable_bonds=1), tmp_path / "cache")[1] == left_out
 
@@ -249,7 +249,7 @@ def test_split_is_by_molecule_and_fixed(family):
     assert not {g.smiles for g in train.graphs} & {g.smiles for g in test.graphs}
     # the rigid molecules are left out under the torsion model, and counted
     assert len(train) + len(test) == (len(SMILES) - len(RIGID)) * TINY["confs_per_mol"]
-    assert family.left_out == {"fewer than 1 rotatable bonds": len(RIGID)}
+    assert family.left_out == {"fewer than 1 rotatable bond": len(RIGID)}
     assert [g.smiles for g in family.real_data("test", 0).graphs] == [g.smiles for g in test.graphs]
     # a larger max_molecules keeps the test molecules (the order is a hash of the SMILES, not the file's)
     smaller = Family(family.config.model_copy(update=dict(max_molecules=8)), device="cpu", cache_dir=family.cache_dir)
@@ -668,7 +668,7 @@ def test_tiny_run_through_the_loop(smiles_file, tmp_path):
     assert (gen / "gen-1" / "synthetic.npz").exists() and (gen / "gen-2" / "samples.png").exists()
     assert (gen / "gen-2" / "model.safetensors").exists()
     fit = json.loads((gen / "gen-2" / "train.json").read_text())
-    assert fit["data_left_out"] == {"fewer than 1 rotatable bonds": len(RIGID)}  # counted in every generation
+    assert fit["data_left_out"] == {"fewer than 1 rotatable bond": len(RIGID)}  # counted in every generation
 
 
 @pytest.mark.parametrize("case", ["rigid", "model", "no 3-D"])

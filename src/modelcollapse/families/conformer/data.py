@@ -470,6 +470,10 @@ def quiet_rdkit():
         RDLogger.EnableLog("rdApp.*")
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def split_hash(smiles: str) -> str:
     return hashlib.sha1(smiles.encode()).hexdigest()
 
@@ -550,13 +554,13 @@ def _read(path: Path, kind: str, source: Source, counts: Counter) -> list[tuple[
                 break
             mol = graph_mol(heavy, source.hydrogens)
             if len(rotatable_torsions(mol)) < source.min_rotatable_bonds:
-                counts[f"fewer than {source.min_rotatable_bonds} rotatable bonds"] += 1
+                counts[f"fewer than {plural(source.min_rotatable_bonds, 'rotatable bond')}"] += 1
                 continue
             if source.conformers == "file":
                 pos = [p for p in (coordinates_in(mol, f) for f in frags) if p is not None][:source.confs_per_mol]
                 pos = np.stack(pos) if len(pos) == source.confs_per_mol else None
                 if pos is None:
-                    counts[f"fewer than {source.confs_per_mol} conformers in the file"] += 1
+                    counts[f"fewer than {plural(source.confs_per_mol, 'conformer')} in the file"] += 1
                     continue
             else:
                 pos = embed(heavy, source.confs_per_mol, source, ETKDG_SEED)
@@ -625,7 +629,7 @@ def _geom(folder: Path, source: Source, counts: Counter) -> list[tuple[MolGraph,
                 counts[f"outside {source.min_atoms}-{source.max_atoms} heavy atoms"] += 1
                 continue
             if len(graph.torsions) < source.min_rotatable_bonds:
-                counts[f"fewer than {source.min_rotatable_bonds} rotatable bonds"] += 1
+                counts[f"fewer than {plural(source.min_rotatable_bonds, 'rotatable bond')}"] += 1
                 continue
             if source.local_structure:
                 local = embed(Chem.RemoveHs(graph.mol), 1, source, LOCAL_SEED)
