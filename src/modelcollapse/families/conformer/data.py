@@ -575,8 +575,8 @@ def _read(path: Path, kind: str, source: Source, counts: Counter) -> list[tuple[
 
 def _geom(folder: Path, source: Source, counts: Counter) -> list[tuple[MolGraph, np.ndarray]]:
     """The `confs_per_mol` conformers of highest Boltzmann weight per GEOM molecule, among those whose
-    graph is the molecule's (GEOM has a few that reacted during CREST: those are dropped) and whose atom order
-    is that of the first one kept."""
+    graph is the molecule's (GEOM has a few that reacted during CREST: those are dropped), in the atom order of
+    the first one kept, whose 3-D stereocentres become the graph's."""
     summary_path = folder / "summary_drugs.json"
     try:
         summary = json.loads(summary_path.read_text())
