@@ -190,11 +190,29 @@ def theory_for(run: Run, policy: str, metric: str, iterations: int):
 
 
 FEW_SEEDS = 3
+BASELINE_COLOURS = ("#7f7f7f", "#8c564b", "#e377c2", "#bcbd22")
+
+
+def draw_baselines(ax, run: Run, metric: str) -> None:
+    """The family's trivial baselines for `metric` as labelled dotted horizontal lines, when its module has
+    `baselines(config, cache_dir) -> {metric: {name: value}}` (read once per run, from the manifest's config)."""
+    spec = family_extras(run.family)
+    if spec is None or not hasattr(spec.module, "baselines"):
+        return
+    if not hasattr(run, "baselines"):
+        from modelcollapse.families.common import cache_dir
+
+        try:
+            run.baselines = spec.module.baselines(spec.Config(**run.config.get(spec.table, {})), cache_dir())
+        except ValueError:  # BadInput too: e.g. the data file is gone; the curves are drawn without baselines
+            run.baselines = {}
+    for k, (name, value) in enumerate(run.baselines.get(metric, {}).items()):
+        ax.axhline(value, ls=":", lw=1.3, color=BASELINE_COLOURS[k % len(BASELINE_COLOURS)], label=name)
 
 
 def draw_panel(ax, run: Run, metric: str, legend: bool = True) -> None:
     """Mean over seeds per iteration with its 95% interval (each seed's line instead, faint, for up to
-    FEW_SEEDS seeds), a line per policy, theory dashed."""
+    FEW_SEEDS seeds), a line per policy, theory dashed, the family's trivial baselines dotted."""
     table = run.table(metric)
     lows, highs = [], []
     for i, policy in enumerate(p for p in run.policies if p in table):
@@ -214,6 +232,7 @@ def draw_panel(ax, run: Run, metric: str, legend: bool = True) -> None:
         theory = theory_for(run, policy, metric, max(its))
         if theory is not None:
             ax.plot(range(1, len(theory) + 1), theory, "--", color=color, lw=1.2, label=f"{policy} theory")
+    draw_baselines(ax, run, metric)
     if lows and min(lows) > 0 and max(highs) / min(lows) > 30:
         ax.set_yscale("log")  # replace's linear growth would flatten accumulate's curve into the axis
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -1,32 +1,50 @@
-"""Molecular conformations, the paper's §2.2: a graph-conditioned diffusion model of 3D coordinates (GeoDiff's
-setting), refit every generation on conformers that earlier generations generated for the same molecules.
+"""Molecular conformations, the paper's §2.2: a generative model of 3D conformers conditioned on the molecular
+graph, refit every generation on conformers that earlier generations generated for the same molecules.
 
-Data (data.py): a `ConformerSet` of heavy-atom molecular graphs with coordinates, one entry per conformer (the
-unit the policies count). By default RDKit's bundled EGFR ligands, embedded by ETKDG into `confs_per_mol`
-conformers each and cached in cache_dir; GEOM-Drugs from a local folder for the paper's scale. Train and test
-are split by molecule. Synthetic data keeps the real training graphs and regenerates their coordinates by
-sampling the previous generation's model (`like` = the real training set, its conformers cycled to `size`).
+Data (data.py): a `ConformerSet` of molecular graphs with coordinates, one entry per conformer (the unit the
+policies count). By default drug-like molecules from the NCI set RDKit ships (10-30 heavy atoms, at least two
+rotatable bonds), embedded by ETKDGv3 into `confs_per_mol` conformers each and cached in cache_dir; GEOM-Drugs
+from a local folder for the paper's scale. Train and test are split by molecule. Synthetic data keeps the real
+training graphs and regenerates their coordinates by sampling the previous generation's model (`like` = the
+real training set, its conformers cycled to `size`).
 
-Model (model.py): an EGNN noise predictor in the zero-centre-of-mass subspace, DDPM ε-prediction.
-Fitting runs `train_steps` optimizer steps whatever the dataset's size, so every policy gets the same compute
-per generation (GeoDiff likewise trains for a fixed number of iterations; the paper does not say).
+Models (`model`):
+- "torsion" (torsion.py, the default): torsional diffusion (Jing et al. 2022). Bond lengths and angles come
+  from one ETKDG conformer per molecule; only the torsions of rotatable bonds are generated, so every
+  conformer is chemically sound by construction and what is learned (and what collapses) is the
+  distribution over shapes.
+- "cartesian" (model.py): GeoDiff (Xu et al. 2022), the paper's model: diffusion of every coordinate, denoised
+  in distance space. At CPU scale it learns bond lengths poorly (see configs/cpu/conformer-cartesian.toml).
+Fitting runs `train_steps` optimizer steps whatever the dataset's size (every policy gets the same compute per
+generation, as GeoDiff trains for a fixed number of iterations), or, with `train_epochs`, that many passes over
+the training set (a budget that grows with accumulate's data, as the language models' one epoch does).
 
 Metrics (metrics.py), per generation:
-- `test_loss`: the ε-prediction loss (mean squared error per atom coordinate) on every real held-out
-  conformer, at noise levels and with noise drawn from one fixed seed (EVAL_SEED), the same for every
-  generation, policy and run seed, so the numbers compare; each of the `eval_draws` draws covers one
-  stratum of the noise levels;
-- `cov_r`, `mat_r`, `cov_p`, `mat_p`: GeoDiff's coverage and matching of GEN_PER_REF generated conformers per
-  reference conformer of each test molecule; `bond_len_dev`, `rdkit_valid_frac`: chemical sanity.
-Artefacts: samples.sdf (every generated test conformer) and samples.png (a few, next to a reference).
+- `test_loss`: the model's own denoising objective on every real held-out conformer, at noise levels and with
+  noise drawn from one fixed seed (EVAL_SEED), the same for every generation, policy and run seed, so the
+  numbers compare; each of the `eval_draws` draws covers one stratum of the noise levels. It is normalised by
+  the same sum for a model that predicts zero, which therefore scores 1: for the torsion model the
+  denoising score-matching loss of the torsions weighted by 1/E[score²], for the Cartesian one GeoDiff's
+  weighted distance-space loss;
+- `cov_r`, `mat_r`, `cov_p`, `mat_p` (and `cov_r_075`, `cov_p_075`): coverage and matching of GEN_PER_REF
+  generated conformers per reference conformer of each test molecule; `bond_len_dev`, `rdkit_valid_frac`,
+  `spurious_bonds`, `missing_bonds`, `chirality_kept_frac`: chemical sanity.
+`baselines(config, cache_dir)` gives the same metrics for three trivial generators (fresh ETKDG conformers,
+uniformly random torsions on one ETKDG conformer, that one conformer repeated), once per data set; the report
+draws them beside the curves.
+Artefacts: samples.sdf (every generated test conformer), samples.png (a few, next to a reference), and
+train.json (the loss curve, the fit's steps and seconds, and the molecules the loader left out, by reason).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
+import logging
 import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -35,12 +53,11 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rdkit import Chem
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from modelcollapse.errors import BadInput
 from modelcollapse.families import DataUnavailable
+from modelcollapse.families.common import autocast, load_module, save_module, warmup_cosine
 from modelcollapse.seeding import derive_seed, rng
 from modelcollapse.store import atomic_write_bytes, atomic_write_json
 
@@ -48,43 +65,66 @@ from . import data as D
 from .data import ConformerSet
 from .metrics import conformer_metrics, render
 from .model import ConformerDiffusion, NetConfig, center
+from .torsion import TorsionConfig, TorsionDiffusion, rotate_torsions
 
 PRIMARY_METRIC = "test_loss"
 EVAL_SEED = 0  # test_loss's noise levels and noise come from this seed, never from the run's
 GEN_PER_REF = 2  # generated conformers per reference conformer for COV/MAT, as GeoDiff
 N_RENDERED = 4  # molecules drawn in samples.png
+BASELINE_SEED = 7  # the trivial generators' draws
+BASELINE_VERSION = 1  # bump when a baseline or a metric changes
+
+log = logging.getLogger("modelcollapse.conformer")
 
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    model: Literal["torsion", "cartesian"] = Field("torsion", description="torsional diffusion over rotatable "
+                                                   "bonds, or GeoDiff's diffusion over every coordinate")
     # data
-    data: str = Field("egfr", min_length=1, description='"egfr" or "nci" (molecules RDKit ships), a path to an '
+    data: str = Field("nci", min_length=1, description='"nci" or "egfr" (molecules RDKit ships), a path to an '
                       '.sdf or SMILES file, or a GEOM-Drugs rdkit_folder')
+    conformers: Literal["etkdg", "file"] = Field("etkdg", description="reference conformers: ETKDGv3 embeddings "
+                                                 "of each graph, or an SDF's own 3-D records")
     min_atoms: int = Field(10, ge=2, description="fewest heavy atoms a molecule may have")
-    max_atoms: int = Field(40, ge=2, description="most heavy atoms a molecule may have")
-    max_molecules: int = Field(120, ge=2, description="molecules used, train and test together (in a fixed order "
-                               "given by a hash of their SMILES)")
-    test_molecules: int = Field(20, ge=1, description="held-out molecules; all their conformers are the test set")
-    confs_per_mol: int = Field(5, ge=1, description="conformers per molecule: ETKDG embeddings, or the GEOM "
+    max_atoms: int = Field(30, ge=2, description="most heavy atoms a molecule may have")
+    min_rotatable_bonds: int = Field(2, ge=0, description="fewest rotatable bonds a molecule may have (the "
+                                     "torsion model needs at least one)")
+    max_molecules: int = Field(150, ge=2, description="molecules used, train and test together (in a fixed "
+                               "order given by a hash of their SMILES)")
+    test_molecules: int = Field(30, ge=1, description="held-out molecules; all their conformers are the test set")
+    confs_per_mol: int = Field(4, ge=1, description="conformers per molecule: ETKDG embeddings, or the GEOM "
                                "conformers of highest Boltzmann weight")
+    mmff: bool = Field(False, description="MMFF94-minimise every ETKDG conformer")
+    prune_rms: float = Field(0.0, ge=0.0, description="Å: ETKDG keeps only conformers at least this far apart "
+                             "(heavy-atom RMSD); 0 keeps every draw")
+    hydrogens: bool = Field(False, description="hydrogens as atoms of the graphs (GeoDiff's choice); the "
+                            "metrics compare heavy atoms either way")
     embed_timeout: int = Field(10, ge=1, description="seconds RDKit may spend embedding one molecule; slower "
                                "molecules are left out")
-    # model
-    hidden: int = Field(64, ge=8, description="EGNN feature width (even)")
-    layers: int = Field(4, ge=1, description="EGNN layers")
-    radius: float = Field(6.0, gt=0.0, description="Å: atoms this close in the noisy input exchange messages "
-                          "even when the graph does not relate them")
-    diffusion_steps: int = Field(1000, ge=100, description="T, the length of the training diffusion chain")
-    schedule: Literal["linear", "sigmoid"] = Field("linear", description="the noise schedule's betas: DDPM's "
-                                                   "linear ones or GeoDiff's sigmoid ones, rescaled to "
-                                                   "diffusion_steps")
+    # both models
+    hidden: int = Field(64, ge=8, description="width of atom and pair features (even)")
+    layers: int = Field(4, ge=1, description="message-passing layers")
+    # torsion model
+    sigma_min: float = Field(0.01 * math.pi, gt=0.0, description="radians, the smallest torsion noise")
+    sigma_max: float = Field(math.pi, gt=0.0, description="radians, the largest torsion noise (π: nearly uniform)")
+    steric_guidance: float = Field(3.0, ge=0.0, description="per Å², the strength of the sampler's fixed steric "
+                                   "term, which turns torsions to keep atoms from clashing (0: none)")
+    # cartesian model
+    radius: float = Field(10.0, gt=0.0, description="Å: atoms this close in the noisy input are global edges")
+    diffusion_steps: int = Field(5000, ge=100, description="T, the length of the training diffusion chain")
+    schedule: Literal["sigmoid", "linear"] = Field("sigmoid", description="the betas: GeoDiff's sigmoid ones "
+                                                   "or DDPM's linear ones, rescaled to diffusion_steps")
+    global_sigma: float = Field(0.5, gt=0.0, description="Å: sampling uses the global head below this noise")
     # training
     train_steps: int = Field(1500, ge=1, description="optimizer steps per generation, whatever the data's size")
+    train_epochs: float | None = Field(None, gt=0.0, description="when set, passes over the training set per "
+                                       "generation instead of train_steps (a budget that grows with the data)")
     batch_size: int = Field(32, ge=1, description="conformers per optimizer step")
     lr: float = Field(1e-3, gt=0.0, le=1.0, description="peak learning rate (AdamW, warmup then cosine decay)")
     # sampling and evaluation
-    sample_steps: int = Field(100, ge=1, description="denoising steps when sampling: a respaced ancestral DDPM "
-                              "chain; equal to diffusion_steps for the full chain")
+    sample_steps: int = Field(20, ge=1, description="steps of the sampler: of the reverse SDE (torsion), or of "
+                              "a respaced DDPM chain (cartesian; equal to diffusion_steps for every step)")
     sample_batch: int = Field(256, ge=1, description="conformers denoised at once when sampling or evaluating")
     eval_draws: int = Field(4, ge=1, description="fixed noise draws per test conformer for test_loss")
     cov_threshold: float = Field(1.25, gt=0.0, description="Å, the δ of COV-R/COV-P (GeoDiff: 1.25 on "
@@ -97,9 +137,11 @@ class Config(BaseModel):
         if self.test_molecules >= self.max_molecules:
             raise ValueError(f"test_molecules ({self.test_molecules}) must be less than max_molecules "
                              f"({self.max_molecules}), or nothing is left to train on")
-        if self.sample_steps > self.diffusion_steps:
+        if self.model == "cartesian" and self.sample_steps > self.diffusion_steps:
             raise ValueError(f"sample_steps ({self.sample_steps}) must not exceed diffusion_steps "
                              f"({self.diffusion_steps})")
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must be less than sigma_max ({self.sigma_max})")
         if self.hidden % 2:
             raise ValueError(f"hidden must be even (sine and cosine halves of the time embedding); got {self.hidden}")
         return self
@@ -111,14 +153,23 @@ class Family:
         self.device = device
         self.cache_dir = Path(cache_dir)
         self._molecules: ConformerSet | None = None  # every usable molecule, loaded once
+        self.left_out: dict[str, int] = {}  # molecules the loader left out, by reason
 
     # -- data ---------------------------------------------------------------------------------------------
+    def source(self) -> D.Source:
+        c = self.config
+        torsion = c.model == "torsion"
+        return D.Source(c.data, c.min_atoms, c.max_atoms, c.max_molecules, c.confs_per_mol,
+                        max(c.min_rotatable_bonds, int(torsion)), c.conformers, c.mmff, c.prune_rms, c.hydrogens,
+                        local_structure=torsion, embed_timeout=c.embed_timeout)
+
     def molecules(self) -> ConformerSet:
         if self._molecules is None:
             c = self.config
-            self._molecules = D.load_molecules(c.data, min_atoms=c.min_atoms, max_atoms=c.max_atoms,
-                                               max_molecules=c.max_molecules, confs_per_mol=c.confs_per_mol,
-                                               embed_timeout=c.embed_timeout, cache_dir=self.cache_dir)
+            self._molecules, self.left_out = D.load_molecules(self.source(), self.cache_dir)
+            if self.left_out:
+                log.warning("conformer data %s: left out %s", c.data,
+                            ", ".join(f"{v} {k}" for k, v in self.left_out.items()))
             if len(self._molecules.graphs) <= c.test_molecules:
                 raise BadInput(f"conformer data {c.data}: only {len(self._molecules.graphs)} usable molecules, "
                                f"but test_molecules = {c.test_molecules} leaves none to train on")
@@ -141,45 +192,49 @@ class Family:
         return data.take(rng(seed).choice(len(data), size=size, replace=False))
 
     # -- the model ------------------------------------------------------------------------------------------
-    def net_config(self) -> NetConfig:
+    def net_config(self) -> TorsionConfig | NetConfig:
         c = self.config
+        if c.model == "torsion":
+            return TorsionConfig(hidden=c.hidden, layers=c.layers, sigma_min=c.sigma_min, sigma_max=c.sigma_max,
+                                 steric_guidance=c.steric_guidance)
         return NetConfig(hidden=c.hidden, layers=c.layers, radius=c.radius, diffusion_steps=c.diffusion_steps,
-                         schedule=c.schedule)
+                         schedule=c.schedule, global_sigma=c.global_sigma)
 
-    def autocast(self):
-        if self.device.startswith("cuda"):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()  # the CPU stays in float32
+    def batch(self, graphs: list[D.MolGraph], pos: list[np.ndarray]):
+        make = D.make_torsion_batch if self.config.model == "torsion" else D.make_batch
+        return make(graphs, pos).to(self.device)
 
-    def lr(self, step: int) -> float:
+    def steps(self, n_train: int) -> int:
+        """Optimizer steps for a training set of n_train conformers: train_steps, or train_epochs passes."""
         c = self.config
-        warmup = max(1, c.train_steps // 20)
-        # 1) linear warmup
-        if step < warmup:
-            return c.lr * (step + 1) / warmup
-        # 2) cosine decay to a tenth of the peak at the last step
-        progress = (step - warmup) / max(1, c.train_steps - warmup)
-        return c.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+        if c.train_epochs is None:
+            return c.train_steps
+        return max(1, math.ceil(c.train_epochs * n_train / min(c.batch_size, n_train)))
 
-    def fit(self, train: ConformerSet, seed: int, workdir: Path) -> ConformerDiffusion:
+    def lr(self, step: int, steps: int) -> float:
+        # cosine decay to a tenth of the peak at the last step
+        return warmup_cosine(step, steps, self.config.lr, max(1, steps // 20), 0.1 * self.config.lr)
+
+    def fit(self, train: ConformerSet, seed: int, workdir: Path) -> TorsionDiffusion | ConformerDiffusion:
         c = self.config
-        model = ConformerDiffusion(self.net_config())
+        net = self.net_config()
+        model = TorsionDiffusion(net) if c.model == "torsion" else ConformerDiffusion(net)
         model.init_weights(torch.Generator().manual_seed(derive_seed(seed, "init")))  # on the CPU: same on any device
         model.to(self.device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0)
         noise = torch.Generator(device=self.device).manual_seed(derive_seed(seed, "noise"))
         order, queue = rng(derive_seed(seed, "batches")), np.zeros(0, dtype=np.int64)
-        B = min(c.batch_size, len(train))
-        losses = []
-        for step in tqdm(range(c.train_steps), desc="conformer fit", disable=None):
+        B, steps = min(c.batch_size, len(train)), self.steps(len(train))
+        losses, t0 = [], time.perf_counter()
+        for step in tqdm(range(steps), desc="conformer fit", disable=None):
             if len(queue) < B:  # epochs: every conformer once before any twice
                 queue = np.concatenate([queue, order.permutation(len(train))])
             idx, queue = queue[:B], queue[B:]
-            batch = D.make_batch([train.graphs[g] for g in train.graph_idx[idx]], [train.pos[i] for i in idx])
+            batch = self.batch([train.graphs[g] for g in train.graph_idx[idx]], [train.pos[i] for i in idx])
             for group in opt.param_groups:
-                group["lr"] = self.lr(step)
-            with self.autocast():
-                _, loss = model(batch.to(self.device), generator=noise)
+                group["lr"] = self.lr(step, steps)
+            with autocast(self.device):
+                _, loss = model(batch, generator=noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -188,15 +243,18 @@ class Family:
         model.eval()
         model.loss_curve_ = losses
         every = max(1, len(losses) // 50)
-        atomic_write_json(Path(workdir) / "fit.json", {
-            "train_conformers": len(train), "train_molecules": len(train.graphs), "steps": c.train_steps,
-            "loss_every": every,
+        if workdir is None:
+            return model
+        atomic_write_json(Path(workdir) / "train.json", {
+            "model": c.model, "train_conformers": len(train), "train_molecules": len(train.graphs), "steps": steps,
+            "seconds": round(time.perf_counter() - t0, 3), "data_left_out": self.left_out, "loss_every": every,
             "train_loss": [float(np.mean(losses[k:k + every])) for k in range(0, len(losses), every)],
         })
         return model
 
-    def generate(self, model: ConformerDiffusion, like: ConformerSet, seed: int) -> ConformerSet:
-        """`like`'s graphs, one new conformer per conformer of `like`, sampled from `model`."""
+    def generate(self, model, like: ConformerSet, seed: int) -> ConformerSet:
+        """`like`'s graphs, one new conformer per conformer of `like`, sampled from `model` (the torsion model
+        starts from each graph's local-structure conformer)."""
         c = self.config
         g = torch.Generator(device=self.device).manual_seed(seed)
         chunks = range(0, len(like), c.sample_batch)
@@ -204,14 +262,14 @@ class Family:
         with tqdm(total=len(chunks) * c.sample_steps, desc="conformer sample", disable=None) as bar:
             for start in chunks:
                 graphs = [like.graphs[k] for k in like.graph_idx[start:start + c.sample_batch]]
-                batch = D.make_batch(graphs, [np.zeros((gr.n_atoms, 3), np.float32) for gr in graphs])
-                with self.autocast():
-                    x = model.sample(batch.to(self.device), c.sample_steps, g, bar).float().cpu().numpy()
+                start_pos = [gr.local if c.model == "torsion" else np.zeros((gr.n_atoms, 3), np.float32)
+                             for gr in graphs]
+                with autocast(self.device):
+                    x = model.sample(self.batch(graphs, start_pos), c.sample_steps, g, bar).float().cpu().numpy()
                 pos.extend(np.split(x, np.cumsum([gr.n_atoms for gr in graphs])[:-1]))
         return ConformerSet(like.graphs, like.graph_idx, pos)
 
-    def sample(self, model: ConformerDiffusion, size: int, like: ConformerSet, seed: int,
-               workdir: Path) -> ConformerSet:
+    def sample(self, model, size: int, like: ConformerSet, seed: int, workdir: Path) -> ConformerSet:
         """New conformers for the real training graphs: one for every conformer of `like`, as many times over as
         `size` allows, and one for each of a random subset of them for the remainder (not the first ones, which
         would favour some molecules when a policy asks for fewer than |like|)."""
@@ -219,73 +277,143 @@ class Family:
         extra = np.sort(rng(derive_seed(seed, "like")).choice(len(like), size=rest, replace=False))
         idx = np.concatenate([np.tile(np.arange(len(like)), rounds), extra])
         synthetic = self.generate(model, like.take(idx), seed)
-        D.save_set(Path(workdir) / "synthetic", synthetic)
+        if workdir is not None:
+            D.save_set(Path(workdir) / "synthetic", synthetic)
         return synthetic
 
     def load_sample(self, workdir: Path) -> ConformerSet:
-        return D.load_set(Path(workdir) / "synthetic")
+        return D.load_set(Path(workdir) / "synthetic")[0]
 
     # -- evaluation -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def test_loss(self, model: ConformerDiffusion, test: ConformerSet) -> float:
-        """The ε-prediction loss on every test conformer at fixed noise levels and noise (EVAL_SEED)."""
+    def test_loss(self, model, test: ConformerSet) -> float:
+        """The model's loss on every test conformer at fixed noise levels and noise (EVAL_SEED), divided by the
+        loss of predicting zero on the same draws."""
         c = self.config
         g = torch.Generator().manual_seed(EVAL_SEED)  # drawn on the CPU: the same numbers on any device
-        total, count = 0.0, 0
+        err, norm = 0.0, 0.0
         for k in range(c.eval_draws):
             for start in range(0, len(test), c.sample_batch):
                 idx = np.arange(start, min(start + c.sample_batch, len(test)))
-                batch = D.make_batch([test.graphs[j] for j in test.graph_idx[idx]], [test.pos[i] for i in idx])
-                # draw k takes its noise levels from the k-th of eval_draws equal slices of 0..T-1
-                t = ((k + torch.rand(batch.n_mols, generator=g)) / c.eval_draws * c.diffusion_steps).long()
-                noise = center(torch.randn(batch.pos.shape, generator=g), batch.mol, batch.n_mols)
-                with self.autocast():
-                    eps_hat, _ = model(batch.to(self.device), t.to(self.device), noise.to(self.device))
-                total += ((eps_hat.float().cpu() - noise) ** 2).sum().item()
-                count += noise.numel()
-        return total / count
+                batch = self.batch([test.graphs[j] for j in test.graph_idx[idx]], [test.pos[i] for i in idx])
+                n = len(idx)
+                # draw k takes its noise levels from the k-th of eval_draws equal slices of the range
+                u = (k + torch.rand(n, generator=g)) / c.eval_draws
+                with autocast(self.device):
+                    if c.model == "torsion":
+                        sigma = torch.exp(math.log(c.sigma_min) + u * (math.log(c.sigma_max) - math.log(c.sigma_min)))
+                        delta = torch.randn(len(batch.torsions), generator=g) * sigma[batch.tor_mol.cpu()]
+                        (pred, target, w), _ = model(batch, sigma.to(self.device), delta.to(self.device))
+                        err += (w * (pred.float() - target) ** 2).sum().item()
+                        norm += (w * target**2).sum().item()
+                    else:
+                        t = (u * c.diffusion_steps).long()
+                        noise = center(torch.randn(batch.pos.shape, generator=g), batch.mol.cpu(), n)
+                        (pl, tl, pg, tg), _ = model(batch, t.to(self.device), noise.to(self.device))
+                        net = model.config
+                        for pred, target, weight in ((pl, tl, net.local_weight), (pg, tg, net.global_weight)):
+                            err += weight * ((pred.float() - target) ** 2).sum().item()
+                            norm += weight * (target**2).sum().item()
+        return err / norm
 
-    def evaluate(self, model: ConformerDiffusion, test: ConformerSet, seed: int, workdir: Path) -> dict[str, float]:
+    def evaluate(self, model, test: ConformerSet, seed: int, workdir: Path) -> dict[str, float]:
         metrics = {"test_loss": self.test_loss(model, test)}
         generated = self.generate(model, test.take(np.repeat(np.arange(len(test)), GEN_PER_REF)), seed)
         metrics |= conformer_metrics(test, generated, self.config.cov_threshold)
-        self.write_samples(test, generated, Path(workdir))
+        if workdir is not None:
+            write_samples(test, generated, Path(workdir))
         return metrics
 
-    def write_samples(self, test: ConformerSet, generated: ConformerSet, workdir: Path) -> None:
-        """samples.sdf: every generated test conformer; samples.png: a few beside a reference conformer."""
-        out = io.StringIO()
-        with Chem.SDWriter(out) as writer:
-            for g, p in zip(generated.graph_idx, generated.pos):
-                graph = generated.graphs[g]
-                mol = Chem.Mol(graph.mol)
-                conf = Chem.Conformer(graph.n_atoms)
-                for k, xyz in enumerate(p.astype(np.float64)):
-                    conf.SetAtomPosition(k, xyz.tolist())
-                mol.AddConformer(conf)
-                mol.SetProp("_Name", graph.name)
-                writer.write(mol)
-        atomic_write_bytes(workdir / "samples.sdf", out.getvalue().encode())
-        shown = generated.graphs[:N_RENDERED]
-        ref, gen = first_conformers(test), first_conformers(generated)
-        render(shown, [ref[g.key] for g in shown], [gen[g.key] for g in shown], workdir / "samples.png")
-
     # -- checkpoints ----------------------------------------------------------------------------------------
-    def save_model(self, model: ConformerDiffusion, workdir: Path) -> None:
+    def save_model(self, model, workdir: Path) -> None:
         workdir = Path(workdir)
-        atomic_write_bytes(workdir / "model.safetensors", save_safetensors(model.state_dict()))
-        atomic_write_json(workdir / "model.json", asdict(model.config))
+        kind = "torsion" if isinstance(model, TorsionDiffusion) else "cartesian"
+        save_module(model, workdir / "model.safetensors")
+        atomic_write_json(workdir / "model.json", {"model": kind, "config": asdict(model.config)})
 
-    def load_model(self, workdir: Path) -> ConformerDiffusion:
+    def load_model(self, workdir: Path):
         workdir = Path(workdir)
         try:
-            model = ConformerDiffusion(NetConfig(**json.loads((workdir / "model.json").read_text())))
-            model.load_state_dict(load_safetensors((workdir / "model.safetensors").read_bytes()))
-        except (OSError, ValueError, TypeError, RuntimeError) as e:
+            meta = json.loads((workdir / "model.json").read_text())
+            if meta["model"] == "torsion":
+                model = TorsionDiffusion(TorsionConfig(**meta["config"]))
+            else:
+                model = ConformerDiffusion(NetConfig(**meta["config"]))
+            load_module(model, workdir / "model.safetensors")
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
             raise BadInput(f"cannot load the conformer model in {workdir}: {e}") from None
         return model.to(self.device).eval()
+
+
+def write_samples(test: ConformerSet, generated: ConformerSet, workdir: Path) -> None:
+    """samples.sdf: every generated test conformer; samples.png: a few beside a reference conformer."""
+    out = io.StringIO()
+    with Chem.SDWriter(out) as writer:
+        for g, p in zip(generated.graph_idx, generated.pos):
+            graph = generated.graphs[g]
+            mol = Chem.Mol(graph.mol)
+            conf = Chem.Conformer(graph.n_atoms)
+            for k, xyz in enumerate(p.astype(np.float64)):
+                conf.SetAtomPosition(k, xyz.tolist())
+            conf.Set3D(True)
+            mol.AddConformer(conf)
+            mol.SetProp("_Name", graph.name)
+            writer.write(mol)
+    atomic_write_bytes(workdir / "samples.sdf", out.getvalue().encode())
+    shown = generated.graphs[:N_RENDERED]
+    ref, gen = first_conformers(test), first_conformers(generated)
+    render(shown, [ref[g.key] for g in shown], [gen[g.key] for g in shown], workdir / "samples.png")
 
 
 def first_conformers(data: ConformerSet) -> dict[str, np.ndarray]:
     """Graph key -> the first conformer of that graph."""
     return {g.key: data.pos[idx[0]] for g, idx in zip(data.graphs, data.conformers_of()) if idx}
+
+
+# -- trivial generators -----------------------------------------------------------------------------------------
+def baseline_sets(family: Family, test: ConformerSet) -> dict[str, ConformerSet]:
+    """GEN_PER_REF conformers per test conformer from each trivial generator: fresh ETKDG conformers (another
+    seed than the references), uniformly random torsions on one ETKDG conformer (the torsion model's starting
+    point), and that one conformer repeated."""
+    source = family.source()
+    like = test.take(np.repeat(np.arange(len(test)), GEN_PER_REF))
+    counts = np.bincount(like.graph_idx, minlength=len(like.graphs))
+    fresh, local = [], []
+    for graph, n in zip(like.graphs, counts):
+        pos = D.embed(graph.heavy_mol, int(n), source, BASELINE_SEED)
+        one = graph.local if graph.local is not None else D.embed(graph.heavy_mol, 1, source, D.LOCAL_SEED)
+        if pos is None or one is None:
+            raise BadInput(f"conformer baselines: RDKit cannot embed test molecule {graph.name!r} again")
+        fresh.append(list(pos))
+        local.append(one.reshape(graph.n_atoms, 3))
+    taken = [0] * len(like.graphs)
+    etkdg = []
+    for g in like.graph_idx:
+        etkdg.append(fresh[g][taken[g]])
+        taken[g] += 1
+    repeated = [local[g] for g in like.graph_idx]
+    batch = D.make_torsion_batch([like.graphs[g] for g in like.graph_idx], repeated)
+    turns = torch.from_numpy(rng(BASELINE_SEED).uniform(-math.pi, math.pi, len(batch.torsions)))
+    turned = rotate_torsions(batch.base.pos.double(), batch, turns).float().numpy()
+    random = np.split(turned, np.cumsum([like.graphs[g].n_atoms for g in like.graph_idx])[:-1])
+    return {"ETKDG": ConformerSet(like.graphs, like.graph_idx, etkdg),
+            "random torsions": ConformerSet(like.graphs, like.graph_idx, random),
+            "one conformer": ConformerSet(like.graphs, like.graph_idx, repeated)}
+
+
+def baselines(config: Config, cache_dir: Path) -> dict[str, dict[str, float]]:
+    """metric -> baseline -> value: the three trivial generators of baseline_sets, scored by the metrics
+    every generation reports, on the test molecules of `config`'s data. Computed once per data set and cached
+    in cache_dir."""
+    family = Family(config, device="cpu", cache_dir=cache_dir)
+    test = family.real_data("test", 0)
+    key = json.dumps([asdict(family.source()), config.test_molecules, config.cov_threshold, GEN_PER_REF,
+                      BASELINE_SEED, BASELINE_VERSION, [g.key for g in test.graphs]]).encode()
+    path = Path(cache_dir) / "conformer" / f"baselines-{hashlib.sha256(key).hexdigest()[:16]}.json"
+    if path.exists():
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(path.read_text())
+    scores = {name: conformer_metrics(test, gen, config.cov_threshold) for name, gen in baseline_sets(family, test).items()}
+    out = {metric: {name: s[metric] for name, s in scores.items()} for metric in next(iter(scores.values()))}
+    atomic_write_json(path, out)
+    return out

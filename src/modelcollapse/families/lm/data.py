@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import importlib.util
 import os
 import re
 import socket
@@ -200,10 +201,8 @@ def offline_unless_the_hub_answers() -> bool:
 
 def read_hf(name: str, split: str) -> Iterator[str]:
     """Raw stories of a Hugging Face dataset split (column "text"), streamed from its local cache."""
-    try:
-        import datasets  # noqa: F401  (only to say, before anything else, when it is missing)
-    except ImportError:
-        raise BadInput(f"data 'hf:{name}' needs the `datasets` package: pip install 'modelcollapse[hf]'") from None
+    if importlib.util.find_spec("datasets") is None:  # said before anything else; imported once offline is set
+        raise BadInput(f"data 'hf:{name}' needs the `datasets` package: pip install 'modelcollapse[hf]'")
     offline = not Path(name).exists() and offline_unless_the_hub_answers()
     import datasets
 
