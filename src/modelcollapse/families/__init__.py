@@ -78,7 +78,10 @@ class FamilyProtocol(Protocol):
         """`size` examples drawn without replacement."""
 
     def fit(self, train: Data, seed, workdir: Path | None) -> Model:
-        """A freshly initialised model fit on `train`. May checkpoint into `workdir` and resume from there."""
+        """A freshly initialised model fit on `train`. May checkpoint into `workdir` and resume from there.
+        A fit that declares a `previous` parameter is given the previous generation's folder (None in
+        generation 1 and in a vectorised run), whose saved model `load_model` reopens: a family can continue
+        from its predecessor's weights instead of starting afresh."""
 
     def evaluate(self, model: Model, test: Data, seed, workdir: Path | None) -> dict[str, Any]:
         """Named metrics on real held-out data; may write artefacts a reader opens (samples.png, samples.txt)."""

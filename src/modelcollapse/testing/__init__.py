@@ -12,6 +12,7 @@ It raises AssertionError saying what broke; it returns the uninterrupted run's m
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 from pathlib import Path
@@ -115,6 +116,7 @@ def _check_resume(family_cls, raw: dict, tmp: Path, whole: list[dict]) -> None:
     """Fail the run part-way (the k-th fit raises), resume it, and compare with the uninterrupted run."""
     fit, calls = family_cls.fit, [0]
 
+    @functools.wraps(fit)  # the same signature: the loop gives it what it gives fit (e.g. `previous`)
     def failing(self, *a, **k):
         calls[0] += 1
         if calls[0] == 3:

@@ -22,7 +22,7 @@ def hf_config(config, bos_id: int | None = None, eos_id: int | None = None):
 
         return GPT2Config(
             vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-            n_inner=c.ffn_hidden, activation_function="gelu",  # exact GELU, as model.MLP (GPT-2's default is the tanh one)
+            n_inner=c.ffn_hidden, activation_function="gelu_new" if c.gelu_approx == "tanh" else "gelu",  # as model.MLP
             resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout, layer_norm_epsilon=c.norm_eps,
             tie_word_embeddings=c.tie_embeddings, bos_token_id=bos_id, eos_token_id=eos_id,
         )
