@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from modelcollapse.bench import median_ratio, paired_times
-from modelcollapse.families.lm.export import to_hf
+from modelcollapse.families.lm.hf import to_hf
 from modelcollapse.families.lm.model import LM, LMConfig
 
 # The two shapes of the issue: the CPU preset (llama2-cpu), and a larger one (ffn = 8/3·d rounded to 16).

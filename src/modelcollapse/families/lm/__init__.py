@@ -48,6 +48,7 @@ from modelcollapse.errors import BadInput
 from modelcollapse.families import DataUnavailable, common
 from modelcollapse.families.lm import data as text
 from modelcollapse.families.lm import train as loops
+from modelcollapse.families.lm.figures import report_figures  # noqa: F401  (the report's hook)
 from modelcollapse.families.lm.hf import Base, HFModel, Vocab
 from modelcollapse.families.lm.shards import TokenSet, shard_exists, verify, write_shard
 from modelcollapse.store import atomic_write_bytes, atomic_write_json
@@ -190,6 +191,8 @@ def check_data_parallel(config: Config, world: int) -> None:
 class Family:
     """The `lm` family (see the module docstring). Fitted state: `tokenizer_`, `vocab_` (and its `bos_`,
     `eos_`), `base_` (the base model, when there is one)."""
+
+    grouped = True  # sizes count tokens; subsample keeps whole documents
 
     def __init__(self, config: Config, *, device: str = "cpu", cache_dir: Path | None = None):
         self.config = config
@@ -501,7 +504,7 @@ def export(gen_dir: Path, out_dir: Path) -> Path:
     PreTrainedTokenizerFast, that `from_pretrained` loads."""
     from transformers import PreTrainedTokenizerFast
 
-    from modelcollapse.families.lm.export import export_hf
+    from modelcollapse.families.lm.hf import export_hf
 
     gen_dir = Path(gen_dir)
     for name in ("model.json", "tokenizer.json"):  # all there before anything is written

@@ -10,7 +10,7 @@ and `LM.generate` samples a batch of documents with a preallocated KV cache and 
 (`sample_tokens`), optionally torch.compiled. References:
 1) nanoGPT, Karpathy: https://github.com/karpathy/nanoGPT/blob/master/model.py
 2) llama2.c, Karpathy (the Llama-2 shapes trained on TinyStories): https://github.com/karpathy/llama2.c
-3) Hugging Face transformers' GPT2LMHeadModel and LlamaForCausalLM, whose layouts export.py maps onto.
+3) Hugging Face transformers' GPT2LMHeadModel and LlamaForCausalLM, whose layouts hf.py maps onto.
 """
 
 from __future__ import annotations

@@ -186,8 +186,8 @@ def fit(cfg, train: TokenSet, vocab: Vocab, seed: int, workdir: Path, device: st
         bar = tqdm(total=total * B * T, initial=step * B * T, unit="tok", unit_scale=True, desc="fit",
                    disable=None if distributed.is_writer() else True, leave=False)
         while step < total:
-            epoch, start = divmod(step, per_epoch)
-            for x, y in train.batches(T, B, seed=derive_seed(seed, "order", epoch), start=start):
+            epoch, done = divmod(step, per_epoch)  # batches of this epoch already trained on
+            for x, y in train.batches(T, B, seed=derive_seed(seed, "order", epoch), start=done):
                 lr = lr_at(step, total, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -207,6 +207,8 @@ def fit(cfg, train: TokenSet, vocab: Vocab, seed: int, workdir: Path, device: st
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
                 if step % cfg.checkpoint_every == 0 and step < total:
                     _save_checkpoint(ckpt, model, opt, step, plan)
+                if step == total:  # `steps` may end a fit inside an epoch
+                    break
         bar.close()
     if cfg.lora is not None:
         from modelcollapse.families.lm.lora import merge_adapters
