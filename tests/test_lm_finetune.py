@@ -343,6 +343,17 @@ def test_a_resumed_fine_tuning_run_equals_an_uninterrupted_one(bases, tmp_path, 
     assert read_metrics(run_loop(tmp_path, "cut", lm, policies=("replace", "accumulate"))) == whole
 
 
+def test_the_two_stage_presets_load():
+    from pathlib import Path
+
+    folder = Path(configlib.__file__).parent / "configs" / "cpu" / "lm-finetune"
+    base, finetune = (configlib.load(folder / name) for name in ("1-base.toml", "2-finetune.toml"))
+    assert base.family_config.init == "scratch" and base.iterations == 1
+    assert finetune.family_config.init == "base" and finetune.family_config.prompt_tokens == 64
+    assert finetune.family_config.skip_train_stories == base.family_config.max_train_stories  # disjoint parts
+    assert [p.label for p in finetune.policies] == ["replace", "accumulate", "mix-0.1"]
+
+
 def test_the_two_stage_workflow_export_then_fine_tune(tmp_path):
     """Stage 1 pretrains a base on part A; its export is stage 2's base, fine-tuned on part B."""
     scratch = dict(max_train_stories=60, test_stories=20, vocab_size=384, model="llama2-tiny", block_size=64, batch_size=8, lr=5e-3,
