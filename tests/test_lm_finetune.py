@@ -372,6 +372,28 @@ def test_the_two_stage_workflow_export_then_fine_tune(tmp_path):
         assert torch.equal(x, y), k
     rows = read_metrics(run_loop(tmp_path, "stage2", stage2, iterations=2))
     assert {r["iteration"] for r in rows} == {1, 2}
+    # a gen-<n> folder of an lm run is a base as it is, without the export
+    direct = Family(Config(**dict(stage2, base=str(out / "replace" / "seed-0" / "gen-1"))), device="cpu", cache_dir=tmp_path / "cache")
+    direct.real_data("train", 0)
+    story = fam._draw_stories(0)[0]
+    assert direct.vocab_ == fam.vocab_
+    assert direct.tokenizer_.encode(story, add_special_tokens=False).ids == fam.tokenizer_.encode(story, add_special_tokens=False).ids
+    for (k, x), y in zip(base.state_dict().items(), direct.base_.model.state_dict().values()):
+        assert torch.equal(x, y), k
+
+
+def test_a_model_run_through_transformers_exports_in_its_own_architecture(bases, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    fam = family(tmp_path, base=str(bases["opt"]))
+    model = fam.fit(fam.real_data("train", 0), seed=1, workdir=tmp_path / "gen-1")
+    fam.save_model(model, tmp_path / "gen-1")
+    out = export(tmp_path / "gen-1", tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "OPTForCausalLM" and AutoTokenizer.from_pretrained(out).eos_token == "</s>"
+    x = torch.randint(0, V, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(hf(x).logits, model(x)[0])
 
 
 # -- the text-collapse metrics on texts whose values are known --------------------------------------------------
