@@ -3,9 +3,9 @@
 - `fit`: a fresh model (seeded init) or a given starting model (a base, the previous generation's) with
   optional LoRA adapters, `epochs` passes over the training set (or `steps` steps), documents shuffled and
   packed into block_size rows, AdamW with linear warm-up and cosine (or linear, or no) decay to
-  `min_lr_frac`·lr, gradient clipping, bf16 autocast on CUDA (float32 on the CPU). Every `checkpoint_every` steps model, optimizer and RNG go to
-  `workdir/fit.ckpt.safetensors`, so a killed fit resumes where it stopped, with the same result; the
-  checkpoint is removed once the fitted model is saved (`Family.save_model`).
+  `min_lr_frac`·lr, gradient clipping, bf16 autocast on CUDA (float32 on the CPU). Every `checkpoint_every`
+  steps model, optimizer and RNG go to `workdir/fit.ckpt.safetensors`, so a killed fit resumes where it
+  stopped, with the same result; the checkpoint is removed once the fitted model is saved (`Family.save_model`).
 - `test_ce`: mean nats per token over every real test token (the text and its EOS; BOS is given, never a
   target), the test documents packed as in training.
 - `sample_shards`: documents from BOS (or from BOS and the first `prompt_tokens` tokens of a real training
