@@ -321,7 +321,8 @@ def test_check_family_passes_for_a_fine_tuning_config(bases):
     from modelcollapse.testing import check_family
 
     tiny = dict(FT, init="previous", base=str(bases["llama"]), max_train_stories=20, test_stories=8, eval_samples=20, sample_batch=40)
-    rows = check_family("lm", tiny, seeds=1, iterations=2)
+    policies = ["replace", "accumulate", {"name": "mix", "real_fraction": 0.5}]  # fits take seconds: three policies
+    rows = check_family("lm", tiny, seeds=1, iterations=2, policies=policies)
     assert {r["metric"] for r in rows} >= {"test_ce", "sample_ppl", "self_bleu", "rare_word_recall"}
 
 
