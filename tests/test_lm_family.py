@@ -240,13 +240,14 @@ def test_real_data_tokens_and_fresh_draws(trained):
 def test_fit_learns_and_evaluate_reports_metrics_and_samples(trained):
     fam, model, _, test, root = trained
     untrained = loops.build(fam.config, 512, seed=0, device="cpu")
-    ce0 = loops.test_ce(untrained, test, fam.config, fam.bos_, "cpu")
+    ce0 = loops.test_ce(untrained, test, fam.config, fam.vocab_, "cpu")
     assert abs(ce0 - math.log(512)) < 0.3  # a fresh model is near uniform
     out = root / "eval"
     out.mkdir()
     m = fam.evaluate(model, test, seed=2, workdir=out)
     assert m["test_ce"] < math.log(512) - 1.5, m  # trained: far below uniform
-    assert set(m) == {"test_ce", "distinct_1", "distinct_2", "distinct_3", "distinct_tokens", "sample_tokens", "sample_eos"}
+    assert set(m) == {"test_ce", "distinct_1", "distinct_2", "distinct_3", "distinct_tokens", "sample_tokens", "sample_eos", "self_bleu", "ttr",
+                      "unigram_entropy", "unigram_kl", "zipf_exponent", "rare_word_recall", "sample_ppl", "sample_ppl_p10", "sample_ppl_p90"}
     assert 0 < m["distinct_1"] < m["distinct_2"] <= m["distinct_3"] <= 1 and 20 < m["distinct_tokens"] <= 510
     rows = json.loads((out / "samples.json").read_text())
     assert len(rows) == 20 and all(r["text"] for r in rows)
@@ -262,8 +263,8 @@ def test_test_ce_counts_every_test_token_once(trained):
     want = test.n_tokens - test.n_docs  # every token but the BOS of each document
     got = sum(int((loops._targets(y, fam.bos_) >= 0).sum()) for _, y in test.batches(64, 16, seed=None))
     assert got == want
-    ce_small = loops.test_ce(model, test, fam.config.model_copy(update=dict(batch_size=3)), fam.bos_, "cpu")
-    assert ce_small == pytest.approx(loops.test_ce(model, test, fam.config, fam.bos_, "cpu"), rel=1e-5)
+    ce_small = loops.test_ce(model, test, fam.config.model_copy(update=dict(batch_size=3)), fam.vocab_, "cpu")
+    assert ce_small == pytest.approx(loops.test_ce(model, test, fam.config, fam.vocab_, "cpu"), rel=1e-5)
 
 
 def test_save_and_load_model(trained, tmp_path):

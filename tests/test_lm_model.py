@@ -187,7 +187,7 @@ def test_sampler_top_k_and_top_p_keep_the_right_tokens():
 def test_hugging_face_export_gives_the_same_logits(arch, tie, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from modelcollapse.families.lm.export import export_hf
+    from modelcollapse.families.lm.hf import export_hf
 
     model = tiny(arch, tie_embeddings=tie)
     path = export_hf(model, tmp_path / "hf", bos_id=1, eos_id=2)

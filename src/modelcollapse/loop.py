@@ -20,6 +20,7 @@ so the others read what rank 0 wrote only once it is there.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,12 @@ def stream(family, seeds: list[int], policy: str, generation: int, purpose: str)
     if getattr(family, "batched", False):
         return stream_keys(seeds, policy, generation, purpose)
     return stream_seed(seeds[0], policy, generation, purpose)
+
+
+def continues(family) -> bool:
+    """Whether the family's fit takes `previous` (the previous generation's folder: a model that continues
+    from its predecessor's weights, e.g. iterative fine-tuning)."""
+    return "previous" in inspect.signature(family.fit).parameters
 
 
 def vectorised(family) -> bool:
@@ -210,7 +217,8 @@ def run_chain(family, store: RunDir, cfg: ExperimentConfig, policy: Policy, seed
             if model is None:
                 train = policy.training_set(n, pool, family, seed_for("policy"),
                                             fresh_real=lambda: family.real_data("train", seed_arg(family, seeds), draw=n - 1))
-                model = fit(family, train, seed_for("fit"), gen_dir, cfg.weight(policy))
+                previous = store.gen_dir(label, seed, n - 1) if n > 1 else None
+                model = fit(family, train, seed_for("fit"), gen_dir, cfg.weight(policy), previous)
             if store.writer:
                 family.save_model(model, gen_dir)
                 store.record_fit(gen_dir)
@@ -251,11 +259,13 @@ def shared_first_model(family, store: RunDir, cfg: ExperimentConfig, policy: Pol
     return None
 
 
-def fit(family, train, seed, workdir, real_weight: float | None):
-    """family.fit, with the real examples' share of the loss when the config sets one."""
-    if real_weight is None:
-        return family.fit(train, seed, workdir)
-    return family.fit(train, seed, workdir, real_weight=real_weight)
+def fit(family, train, seed, workdir, real_weight: float | None, previous: Path | None = None):
+    """family.fit, with the real examples' share of the loss when the config sets one, and the previous
+    generation's folder when the family's fit takes it (None in generation 1 and in a vectorised run)."""
+    extra = {} if real_weight is None else {"real_weight": real_weight}
+    if continues(family):
+        extra["previous"] = previous
+    return family.fit(train, seed, workdir, **extra)
 
 
 def batch_chain(family, policy: Policy, seeds: list[int], iterations: int, select=None, real_weight: float | None = None):

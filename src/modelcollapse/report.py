@@ -396,6 +396,19 @@ def primary_first(runs: list[Run], primary: str | None) -> list[str]:
     return sorted(dict.fromkeys(m for r in runs for m in r.metrics()), key=lambda m: m != primary)
 
 
+def add_family_figures(shown: list[Run], runs: list[Run], out: Path, body: list[str], md: list[str]) -> None:
+    """The figures a family draws of its own runs (its `report_figures`), files prefixed by the run's number."""
+    for r in shown:
+        spec = family_extras(r.family)
+        if spec is None or spec.report_figures is None:
+            continue
+        folder = out / f"run{runs.index(r)}"
+        for title, png in spec.report_figures(r.path, folder):
+            src = f"{folder.name}/{png}"
+            body.append(f"<h3>{html.escape(r.name)}: {html.escape(title)}</h3><img src='{src}' style='max-width:100%'>")
+            md += [f"### {r.name}: {title}", "", f"![{title}]({src})", ""]
+
+
 def add_samples(shown: list[Run], runs: list[Run], out: Path, body: list[str]) -> None:
     """The sample galleries of `shown`, numbered by their place among all the report's `runs`."""
     for r in shown:
@@ -460,6 +473,7 @@ def write_report(dirs: list[Path], out: Path) -> Path:
             caption = f"{r.name}: every other metric"
             body.append(f"<h3>{html.escape(caption)}</h3><img src='{png}' style='max-width:100%'>{html_table(header, rows)}")
             md += [f"### {caption}", "", f"![{caption}]({png})", "", markdown(header, rows), ""]
+        add_family_figures(fruns, runs, out, body, md)
         add_samples(fruns, runs, out, body)
     (out / "summary.md").write_text("\n".join(md) + "\n", errors="backslashreplace")  # paths need not be UTF-8
     style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;margin:8px 0}"

@@ -6,6 +6,9 @@ ratios, so a shared CPU slows both sides of a pair alike.
   to 1.0, fused AdamW with nanoGPT's decay groups). `equal`: the two losses on the same weights and batch.
 - lm_sample: sampling tokens/s from BOS, temperature 1.0, full vocabulary, no EOS (every row runs the whole
   length), ours `LM.generate` vs `generate(do_sample=True, top_k=0)`. `equal`: greedy outputs identical.
+  One more row per shape samples as the fine-tuning studies do (Shumailov et al. 2024): 64 new tokens after a
+  64-token prompt (BOS and 64 random tokens), temperature 0.8, top-p 0.9, on both sides (`prompt_tokens` 64);
+  `equal`: greedy continuations of the same prompts identical.
 
 Both also report model FLOP/s as a fraction of this machine's float32 matmul peak, measured here
 (`mfu_ours`, `mfu_baseline`). FLOPs per token follow nanoGPT's estimate: 6N + 12·L·d·T to train, 2N + 4·L·d·t
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 
 from modelcollapse.bench import median_ratio, paired_times
-from modelcollapse.families.lm.export import to_hf
+from modelcollapse.families.lm.hf import to_hf
 from modelcollapse.families.lm.model import LM, LMConfig
 
 # The two shapes of the issue: the CPU preset (llama2-cpu), and a larger one (ffn = 8/3·d rounded to 16).
@@ -145,6 +148,28 @@ def sample_row(ours: LM, hf, B: int, n_new: int, repeats: int, compile: bool, pe
     return _row("lm-sample", c, B * n_new, t_ours, t_base, flops, peak, batch=B, new_tokens=n_new, compile=compile)
 
 
+def prompted_row(ours: LM, hf, B: int, P: int, n_new: int, repeats: int, compile: bool, peak: float, bos: int = 1) -> dict:
+    """Continuing B prompts of BOS + P tokens by n_new tokens, temperature 0.8 and top-p 0.9 on both sides."""
+    c = ours.config
+    idx = torch.randint(2, c.vocab_size, (B, P + 1), generator=torch.Generator().manual_seed(2))
+    idx[:, 0] = bos
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    run_ours = lambda: ours.generate(idx, n_new, temperature=0.8, top_p=0.9, generator=gen, compile=compile)
+
+    def run_hf(**settings):
+        with torch.no_grad():
+            return hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n_new, min_new_tokens=n_new,
+                               **(settings or dict(do_sample=True, top_k=0, top_p=0.9, temperature=0.8)))
+
+    with torch.no_grad():
+        equal = torch.equal(ours.generate(idx, n_new, temperature=0, compile=compile), run_hf(do_sample=False))
+    t_ours, t_base = paired_times(run_ours, run_hf, repeats)
+    flops = 2 * matmul_params(c) + 4 * c.n_layer * c.n_embd * (P + 1 + n_new / 2)
+    return _row("lm-sample", c, B * n_new, t_ours, t_base, flops, peak, batch=B, new_tokens=n_new, prompt_tokens=P, compile=compile,
+                equal=equal)
+
+
 def lm_sample(repeats: int = 3, quick: bool = False, batches: tuple[int, ...] = (64, 256), new_tokens: int | None = None,
               compile: bool = True) -> list[dict]:
     """Sampling tokens/s from BOS (255 new tokens, or `new_tokens`), ours vs HF generate, for each shape and
@@ -163,4 +188,6 @@ def lm_sample(repeats: int = 3, quick: bool = False, batches: tuple[int, ...] = 
         hf.generation_config.pad_token_id = 0
         equal = greedy_equal(ours, hf, min(n_new, 32), compile)
         rows += [{**sample_row(ours, hf, B, n_new, repeats, compile, peak), "equal": equal} for B in batches]
+        P, n_prompted = (8, 8) if quick else (64, 64)
+        rows.append(prompted_row(ours, hf, batches[0], P, n_prompted, repeats, compile, peak))
     return rows

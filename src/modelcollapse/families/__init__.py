@@ -13,7 +13,8 @@ importable module (`my_package.my_module`) or a path to a `.py` file — and rea
   world)` (the family trains data-parallel; raises BadInput when it cannot be split over `world` processes),
   `memory_estimate(config, seeds, iterations, vectorised)` (bytes a run will hold at its peak, so one that
   cannot fit in memory is refused before it starts), `SCORES` ({name: what it measures}, the scores
-  `Family.score` gives a selection stage).
+  `Family.score` gives a selection stage), `report_figures(run_dir, out_dir)` (the family's own figures of a
+  run, drawn from its run directory into out_dir: a list of (title, PNG file name)).
 
 Optional on `Family`, for the selection stage and weighting (selection.py): `score(data, name, model,
 reference, seed)` (a score per example, higher is better; `model` drew the data, `reference` is generation
@@ -64,6 +65,8 @@ class DataUnavailable(BadInput):
 class FamilyProtocol(Protocol):
     batched: ClassVar[bool]  # optional, default False: every call takes all seeds at once (see above)
     vectorised: bool  # optional, default False: a batched family that wants every seed of a policy in one call
+    grouped: ClassVar[bool]  # optional, default False: `size` counts units that come in groups (lm: tokens in
+    # documents), and `subsample` keeps whole groups: `size` units plus less than one group
 
     def real_data(self, split: str, seed, draw: int = 0) -> Data:
         """Real data: split "train" or "test". `draw` > 0 asks for the draw-th further, independent real
@@ -78,7 +81,10 @@ class FamilyProtocol(Protocol):
         """`size` examples drawn without replacement."""
 
     def fit(self, train: Data, seed, workdir: Path | None) -> Model:
-        """A freshly initialised model fit on `train`. May checkpoint into `workdir` and resume from there."""
+        """A freshly initialised model fit on `train`. May checkpoint into `workdir` and resume from there.
+        A fit that declares a `previous` parameter is given the previous generation's folder (None in
+        generation 1 and in a vectorised run), whose saved model `load_model` reopens: a family can continue
+        from its predecessor's weights instead of starting afresh."""
 
     def evaluate(self, model: Model, test: Data, seed, workdir: Path | None) -> dict[str, Any]:
         """Named metrics on real held-out data; may write artefacts a reader opens (samples.png, samples.txt)."""
@@ -113,6 +119,7 @@ class FamilyModule:
     export: Callable[[Path, Path], Path] | None = None
     check_data_parallel: Callable[[BaseModel, int], None] | None = None
     memory_estimate: Callable[[BaseModel, int, int, bool], int] | None = None
+    report_figures: Callable[[Path, Path], list[tuple[str, str]]] | None = None
     scores: dict = None  # name -> what it measures: the scores `Family.score` gives a selection stage
 
     def __post_init__(self):
@@ -175,7 +182,7 @@ def load_family(name: str) -> FamilyModule:
     missing = [m for m in METHODS if not callable(getattr(family_cls, m, None))]
     if missing:
         raise BadInput(f"config error: family: {name!r}: Family lacks {', '.join(missing)}")
-    optional = {k: getattr(module, k, None) for k in ("theory", "export", "check_data_parallel", "memory_estimate")}
+    optional = {k: getattr(module, k, None) for k in ("theory", "export", "check_data_parallel", "memory_estimate", "report_figures")}
     for k, f in optional.items():
         if f is not None and not callable(f):
             raise BadInput(f"config error: family: {name!r}: {k} must be a function")

@@ -10,7 +10,7 @@ and `LM.generate` samples a batch of documents with a preallocated KV cache and 
 (`sample_tokens`), optionally torch.compiled. References:
 1) nanoGPT, Karpathy: https://github.com/karpathy/nanoGPT/blob/master/model.py
 2) llama2.c, Karpathy (the Llama-2 shapes trained on TinyStories): https://github.com/karpathy/llama2.c
-3) Hugging Face transformers' GPT2LMHeadModel and LlamaForCausalLM, whose layouts export.py maps onto.
+3) Hugging Face transformers' GPT2LMHeadModel and LlamaForCausalLM, whose layouts hf.py maps onto.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class LMConfig:
     # Output head = token embedding, as in GPT-2 and llama2.c's TinyStories models: at these sizes an ~8k x d
     # matrix is a large share of the parameters, and tying it keeps the preset sizes near the paper's.
     tie_embeddings: bool = True
+    gelu_approx: Literal["none", "tanh"] = "none"  # GPT-2's MLP: exact GELU (nanoGPT), or the tanh form ("gelu_new") of OpenAI's GPT-2
 
     def __post_init__(self):
         if self.arch not in ("gpt2", "llama2"):
@@ -50,6 +51,8 @@ class LMConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.arch == "llama2" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"RoPE needs an even head size; n_embd / n_head = {self.n_embd // self.n_head}")
+        if self.gelu_approx not in ("none", "tanh"):
+            raise ValueError(f"gelu_approx must be 'none' or 'tanh', not {self.gelu_approx!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
         if self.ffn_hidden is None:
@@ -171,16 +174,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2's: Linear, GELU (exact, as nanoGPT; export sets activation "gelu" to match), Linear."""
+    """GPT-2's: Linear, GELU (exact as nanoGPT, or OpenAI GPT-2's tanh form; export names either), Linear."""
 
     def __init__(self, config: LMConfig):
         super().__init__()
         self.fc = nn.Linear(config.n_embd, config.ffn_hidden)
         self.proj = nn.Linear(config.ffn_hidden, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
+        self.approximate = config.gelu_approx
 
     def forward(self, x):
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class SwiGLU(nn.Module):
@@ -211,27 +215,36 @@ class Block(nn.Module):
 
 
 @torch.no_grad()
-def sample_tokens(logits, u, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
+def sample_tokens(logits, u, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  min_p: float | None = None):
     """One token per row of logits (B, V) by inverse-CDF sampling: the first token whose cumulative
     probability exceeds u * (the kept mass), u (B,) uniform in [0, 1). torch.multinomial does the same job
     on one CPU thread; this is a softmax, a cumsum and a searchsorted, and a row's token is a deterministic
-    function of its u. temperature 0 is greedy; top_k / top_p keep the k most likely tokens / the smallest
-    set of most likely tokens holding top_p of the probability (applied in that order, as Hugging Face does)."""
+    function of its u. temperature 0 is greedy; top_k / top_p / min_p keep the k most likely tokens / the
+    smallest set of most likely tokens holding top_p of the probability / the tokens at least min_p times as
+    likely as the most likely one, after the temperature, as Hugging Face does (each keeps a prefix of the
+    tokens sorted by probability, so together they keep the shortest of those prefixes)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     ids = None
     if top_k is not None:
         logits, ids = logits.topk(min(top_k, logits.size(-1)), dim=-1)  # sorted, most likely first
-    elif top_p is not None:
+    elif top_p is not None or min_p is not None:
         logits, ids = logits.sort(dim=-1, descending=True)
     if temperature != 1.0:
         logits = logits / temperature
-    cdf = torch.softmax(logits.float(), dim=-1).cumsum_(dim=-1)  # (B, V')
+    cdf = torch.softmax(logits.float(), dim=-1)
+    probs = cdf.clone() if min_p is not None else None
+    cdf.cumsum_(dim=-1)  # (B, V')
     last = cdf.size(-1) - 1
-    if top_p is None:
+    if top_p is None and min_p is None:
         mass = cdf[:, last:]  # ~1, but exactly the sum the cdf reached
     else:
-        cut = torch.searchsorted(cdf, cdf.new_full((cdf.size(0), 1), top_p)).clamp_(max=last)  # first index reaching top_p
+        cut = cdf.new_full((cdf.size(0), 1), last, dtype=torch.long)
+        if top_p is not None:
+            cut = torch.searchsorted(cdf, cdf.new_full((cdf.size(0), 1), top_p)).clamp_(max=last)  # first index reaching top_p
+        if min_p is not None:
+            cut = torch.minimum(cut, (probs >= min_p * probs[:, :1]).sum(dim=-1, keepdim=True) - 1)  # the last token kept
         mass = cdf.gather(1, cut)
     tok = torch.searchsorted(cdf, u[:, None].to(cdf.dtype) * mass, right=True).clamp_(max=last)  # (B, 1)
     return (tok if ids is None else ids.gather(1, tok)).squeeze(1)
@@ -352,11 +365,11 @@ class LM(nn.Module):
         ]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
 
-    def _next_tokens(self, x, pos: int, caches: list[KVCache], u, temperature: float, top_k, top_p):
+    def _next_tokens(self, x, pos: int, caches: list[KVCache], u, temperature: float, top_k, top_p, min_p=None):
         """One decoding step: tokens x (B, T) at positions pos.., their keys and values cached; the next token
         of every row, sampled with uniforms u (B,)."""
         h = self._trunk(x, pos, caches)[:, -1]  # (B, C): only the last position is sampled from
-        return sample_tokens(self.lm_head(h), u, temperature, top_k, top_p)
+        return sample_tokens(self.lm_head(h), u, temperature, top_k, top_p, min_p)
 
     def _compiled_step(self):
         """`_next_tokens`, torch.compiled. On the CPU with freezing: the weights are folded into the graph as
@@ -386,7 +399,7 @@ class LM(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_id: int | None = None, generator: torch.Generator | None = None,
-                 compile: bool = False):
+                 compile: bool = False, min_p: float | None = None):
         """Continue every row of idx (B, T0) (e.g. a column of BOS) by up to max_new_tokens sampled tokens,
         batched, with a KV cache preallocated for T0 + max_new_tokens positions.
 
@@ -412,7 +425,7 @@ class LM(nn.Module):
         x, pos, steps = idx, 0, 0
         for t in range(max_new_tokens):
             u = torch.rand(B, device=dev, generator=generator)
-            nxt = step(x, pos, caches, u[rows], temperature, top_k, top_p)  # (b,)
+            nxt = step(x, pos, caches, u[rows], temperature, top_k, top_p, min_p)  # (b,)
             out[rows, T0 + t] = nxt
             pos, steps, x = pos + x.size(1), t + 1, nxt[:, None]
             if eos_id is None:

@@ -3,7 +3,9 @@
 A shard is two .npy files: `STEM.tokens.npy`, every document's token ids back to back (uint16, or uint32 for
 a vocabulary over 65,536), and `STEM.starts.npy`, the int64 offsets where documents start (n_docs + 1 of
 them, the last being the token count). A document is stored as `BOS text EOS` (a sampled one that hit the
-length limit has no EOS). The starts file is written last, so a shard whose starts file exists is complete.
+length limit has no EOS). A shard of prompted samples has a third, `STEM.prompts.npy`: per document, how many
+tokens after its BOS are a real prompt, which training does not predict (only the continuation is trained on).
+The starts file is written last, so a shard whose starts file exists is complete.
 
 A `TokenSet` (the family's Data) is a tuple of parts, each a shard and the documents chosen from it. Its size
 is its token count, BOS and EOS included. Concatenating and subsampling only build new lists of document
@@ -36,17 +38,23 @@ def _paths(stem: Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".tokens.npy"), stem.with_name(stem.name + ".starts.npy")
 
 
+def _prompts_path(stem: Path) -> Path:
+    return Path(stem).with_name(Path(stem).name + ".prompts.npy")
+
+
 def shard_exists(stem: Path) -> bool:
     return _paths(stem)[1].exists()
 
 
-def write_shard(stem: Path, docs: Iterable[np.ndarray], dtype: np.dtype) -> Path:
+def write_shard(stem: Path, docs: Iterable[np.ndarray], dtype: np.dtype, prompts: list[int] | None = None) -> Path:
     """Write documents (1-d arrays of token ids) as a shard, streaming: the tokens go to a raw file as they
-    come and are then copied behind a .npy header, so memory holds one document at a time."""
+    come and are then copied behind a .npy header, so memory holds one document at a time. `prompts`: each
+    document's prompt length (see the module docstring)."""
     tokens_path, starts_path = _paths(stem)
     tokens_path.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
-    raw, tmp_tokens, tmp_starts = (p.with_name(f".{p.name}.{tag}.tmp") for p in (tokens_path.with_suffix(".raw"), tokens_path, starts_path))
+    raw, tmp_tokens, tmp_starts, tmp_prompts = (p.with_name(f".{p.name}.{tag}.tmp") for p in (
+        tokens_path.with_suffix(".raw"), tokens_path, starts_path, _prompts_path(stem)))
     starts = [0]
     try:
         with open(raw, "wb") as f:
@@ -59,10 +67,15 @@ def write_shard(stem: Path, docs: Iterable[np.ndarray], dtype: np.dtype) -> Path
             shutil.copyfileobj(src, f, 1 << 24)
         with open(tmp_starts, "wb") as f:
             np.save(f, np.asarray(starts, dtype=np.int64))
+        if prompts is not None:
+            assert len(prompts) == len(starts) - 1, "one prompt length per document"
+            with open(tmp_prompts, "wb") as f:
+                np.save(f, np.asarray(prompts, dtype=np.int32))
+            os.replace(tmp_prompts, _prompts_path(stem))
         os.replace(tmp_tokens, tokens_path)
         os.replace(tmp_starts, starts_path)  # last: its presence marks the shard complete
     finally:
-        for p in (raw, tmp_tokens, tmp_starts):
+        for p in (raw, tmp_tokens, tmp_starts, tmp_prompts):
             p.unlink(missing_ok=True)
     return Path(stem)
 
@@ -120,16 +133,26 @@ class Part:
     docs: np.ndarray | None  # indices of the chosen documents (None: all of them)
     n_docs: int
     n_tokens: int
+    prompts: np.ndarray | None = None  # the chosen documents' prompt lengths (None: no prompts)
 
 
 def open_part(stem: Path, docs: np.ndarray | None = None) -> Part:
     tokens, starts = _open(stem)
     if len(starts) < 1 or starts[-1] != len(tokens):
         raise BadInput(f"token shard {stem} is corrupt: its offsets do not match its {len(tokens)} tokens")
+    prompts = None
+    if _prompts_path(stem).exists():
+        try:
+            prompts = np.load(_prompts_path(stem))
+        except (OSError, ValueError) as e:
+            raise BadInput(f"token shard {stem} has a corrupt prompts file: {e}") from None
+        if len(prompts) != len(starts) - 1:
+            raise BadInput(f"token shard {stem} is corrupt: {len(prompts)} prompt lengths for {len(starts) - 1} documents")
     if docs is None:
-        return Part(Path(stem), None, len(starts) - 1, int(starts[-1]))
+        return Part(Path(stem), None, len(starts) - 1, int(starts[-1]), prompts)
     lengths = np.diff(starts)[docs]
-    return Part(Path(stem), np.asarray(docs, dtype=np.int64), len(docs), int(lengths.sum()))
+    docs = np.asarray(docs, dtype=np.int64)
+    return Part(Path(stem), docs, len(docs), int(lengths.sum()), None if prompts is None else prompts[docs])
 
 
 class TokenSet:
@@ -158,6 +181,12 @@ class TokenSet:
             lengths = np.diff(_open(p.stem)[1])
             out.append(lengths if p.docs is None else lengths[p.docs])
         return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def prompt_lens(self) -> np.ndarray | None:
+        """(n_docs,) every document's prompt length, in order; None when no document has a prompt."""
+        if all(p.prompts is None for p in self.parts):
+            return None
+        return np.concatenate([np.zeros(p.n_docs, np.int32) if p.prompts is None else p.prompts for p in self.parts])
 
     def subsample(self, size: int, seed: int) -> "TokenSet":
         """Documents in a random order (seeded) until they hold at least `size` tokens: the size reached is
@@ -202,7 +231,8 @@ class TokenSet:
         """One pass over the documents, packed back to back into (x, y) batches of shape (B, T), with
         y = x shifted by one, so that every token but the first is a target exactly once. Documents are
         shuffled by `seed` (None: stored order). The last batch is padded: x with 0, y with -1 (ignored).
-        `start` skips that many batches (resuming a pass), reading only the documents after them."""
+        `start` skips that many batches (resuming a pass), reading only the documents after them. A prompted
+        document's prompt tokens are not targets (y = -1 there)."""
         B, T = batch_size, block_size
         order = np.arange(self.n_docs) if seed is None else np.random.default_rng(seed).permutation(self.n_docs)
         skip = start * B * T  # tokens of the stream before the first batch wanted
@@ -213,18 +243,32 @@ class TokenSet:
             order = order[k:]
         else:
             offset = 0
+        prompts = self.prompt_lens()
+        prompts = None if prompts is None else prompts[order]
         buf = np.zeros(B * T + 1, dtype=np.int64)
+        target = None if prompts is None else np.ones(B * T + 1, dtype=bool)  # False: a prompt token, not predicted
+
+        def targets(y, keep):
+            if keep is not None:
+                y[~keep] = -1
+            return y
+
         fill = 0
-        for doc in self.iter_docs(order):
+        for i, doc in enumerate(self.iter_docs(order)):
+            keep = None if prompts is None else np.arange(len(doc)) > prompts[i]  # BOS and prompt: given, not predicted
             doc = doc[offset:]
+            keep = None if keep is None else keep[offset:]
             offset = 0
             while len(doc):
                 n = min(len(doc), len(buf) - fill)
                 buf[fill : fill + n] = doc[:n]
+                if keep is not None:
+                    target[fill : fill + n] = keep[:n]
+                    keep = keep[n:]
                 fill += n
                 doc = doc[n:]
                 if fill == len(buf):
-                    yield buf[:-1].reshape(B, T).copy(), buf[1:].reshape(B, T).copy()
+                    yield buf[:-1].reshape(B, T).copy(), targets(buf[1:].copy(), None if target is None else target[1:]).reshape(B, T)
                     buf[0] = buf[-1]  # the last target is the next batch's first input
                     fill = 1
         if fill > 1:
@@ -232,5 +276,5 @@ class TokenSet:
             x = np.zeros(rows * T, np.int64)
             y = np.full(rows * T, -1, np.int64)
             x[: fill - 1] = buf[: fill - 1]
-            y[: fill - 1] = buf[1:fill]
+            y[: fill - 1] = targets(buf[1:fill].copy(), None if target is None else target[1:fill])
             yield x.reshape(rows, T), y.reshape(rows, T)

@@ -1,15 +1,20 @@
 """Training, evaluation and sampling loops of the `lm` family, in the manner of nanoGPT's train.py/sample.py.
 
-- `fit`: a fresh model (seeded init), `epochs` passes over the training set, documents shuffled and packed
-  into block_size rows, AdamW with linear warm-up and cosine decay to `min_lr_frac`·lr, gradient clipping,
-  bf16 autocast on CUDA (float32 on the CPU). Every `checkpoint_every` steps model, optimizer and RNG go to
-  `workdir/fit.ckpt.safetensors`, so a killed fit resumes where it stopped, with the same result; the
-  checkpoint is removed once the fitted model is saved (`Family.save_model`).
+- `fit`: a fresh model (seeded init) or a given starting model (a base, the previous generation's) with
+  optional LoRA adapters, `epochs` passes over the training set (or `steps` steps), documents shuffled and
+  packed into block_size rows, AdamW with linear warm-up and cosine (or linear, or no) decay to
+  `min_lr_frac`·lr, gradient clipping, bf16 autocast on CUDA (float32 on the CPU). Every `checkpoint_every`
+  steps model, optimizer and RNG go to `workdir/fit.ckpt.safetensors`, so a killed fit resumes where it
+  stopped, with the same result; the checkpoint is removed once the fitted model is saved (`Family.save_model`).
 - `test_ce`: mean nats per token over every real test token (the text and its EOS; BOS is given, never a
   target), the test documents packed as in training.
-- `sample_shards`: documents from BOS until EOS or `max_sample_len` tokens, until exactly `size` tokens,
-  written as shards of `shard_tokens` tokens. Shard k depends only on (seed, k), so a killed sampling
-  phase keeps its finished shards and redoes only the rest.
+- `sample_shards`: documents from BOS (or from BOS and the first `prompt_tokens` tokens of a real training
+  document) until EOS or `max_sample_len` tokens, until exactly `size` tokens, written as shards of
+  `shard_tokens` tokens. Shard k depends only on (seed, k), so a killed sampling phase keeps its finished
+  shards and redoes only the rest. Our sampler (model.LM.generate) draws with temperature, top-k, top-p and
+  min-p; a repetition penalty, beam search or a model run through transformers go through transformers'
+  `generate` (hf.hf_generate), seeded from the same stream.
+- `example_nll`: each document's mean nats per token of its continuation under a model (sample_ppl).
 
 Data-parallel (several ranks, distributed.py): `fit` trains a DistributedDataParallel replica on each rank,
 rank r taking rows r·B/W .. (r+1)·B/W of the very batch a one-process fit draws, its loss weighted so the
@@ -19,6 +24,7 @@ and sums; `sample_shards` gives shard k to rank k mod W. Rank 0 alone writes (ch
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -28,10 +34,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from modelcollapse import distributed
-from modelcollapse.families.common import autocast, warmup_cosine
-from modelcollapse.families.lm.model import LM, lm_config
 from modelcollapse.errors import BadInput
-from modelcollapse.families.lm.shards import TokenSet, open_part, shard_exists, token_dtype, write_shard
+from modelcollapse.families.common import autocast, warmup_cosine
+from modelcollapse.families.lm.hf import Vocab, hf_generate
+from modelcollapse.families.lm.model import LM, lm_config
+from modelcollapse.families.lm.shards import TokenSet, open_part, shard_exists, write_shard
 from modelcollapse.seeding import derive_seed
 from modelcollapse.store import atomic_write_json
 
@@ -45,8 +52,14 @@ def _seeded_rng(device: str):
 
 
 def lr_at(step: int, total: int, cfg) -> float:
-    """The learning rate of step `step` of `total`: warm-up over `warmup_frac` of the steps, cosine to `min_lr_frac`."""
-    return warmup_cosine(step, total, cfg.lr, round(cfg.warmup_frac * total), cfg.min_lr_frac * cfg.lr)
+    """The learning rate of step `step` of `total`: warm-up over `warmup_frac` of the steps, then cosine or
+    linear decay to `min_lr_frac`·lr, or constant (`schedule`)."""
+    warmup, floor = round(cfg.warmup_frac * total), cfg.min_lr_frac * cfg.lr
+    if cfg.schedule == "cosine" or step < warmup:
+        return warmup_cosine(step, total, cfg.lr, warmup, floor)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    return cfg.lr + (floor - cfg.lr) * min(1.0, (step - warmup) / max(1, total - warmup))  # linear
 
 
 def build(cfg, vocab_size: int, seed: int, device: str) -> LM:
@@ -55,6 +68,11 @@ def build(cfg, vocab_size: int, seed: int, device: str) -> LM:
     with _seeded_rng(device):
         torch.manual_seed(seed)
         return LM(shape).to(device)
+
+
+def steps_of(cfg, train: TokenSet) -> int:
+    """Optimizer steps of a fit: `steps`, or `epochs` passes over `train`."""
+    return cfg.steps or cfg.epochs * train.n_batches(cfg.block_size, cfg.batch_size)
 
 
 def _targets(y: np.ndarray, bos: int) -> np.ndarray:
@@ -139,12 +157,22 @@ def _rank_rows(x: np.ndarray, y: np.ndarray, B: int) -> tuple[np.ndarray, np.nda
     return x, y, W * n / n_all
 
 
-def fit(cfg, train: TokenSet, vocab_size: int, bos: int, seed: int, workdir: Path, device: str) -> LM:
-    """A fresh model trained for `cfg.epochs` passes over `train`."""
+def fit(cfg, train: TokenSet, vocab: Vocab, seed: int, workdir: Path, device: str, start: LM | None = None):
+    """A model trained for `cfg.epochs` passes over `train` (or `cfg.steps` steps): a fresh one, or `start`
+    (left unchanged: a copy is trained), with LoRA adapters merged into it after training when `cfg.lora`."""
     B, T = cfg.batch_size, cfg.block_size
     per_epoch = train.n_batches(T, B)
-    total = cfg.epochs * per_epoch
-    model = build(cfg, vocab_size, derive_seed(seed, "init"), device)
+    total = steps_of(cfg, train)
+    if start is None:
+        model = build(cfg, vocab.size, derive_seed(seed, "init"), device)
+    else:
+        model = copy.deepcopy(start).to(device)
+    if cfg.lora is not None:
+        from modelcollapse.families.lm.lora import add_adapters
+
+        with _seeded_rng(device):
+            torch.manual_seed(derive_seed(seed, "lora"))
+            model = add_adapters(model, cfg.lora)
     opt = model.configure_optimizers(cfg.weight_decay, cfg.lr, BETAS)
     plan = dict(seed=seed, tokens=train.n_tokens, docs=train.n_docs, total=total, config=cfg.model_dump(mode="json"))
     ckpt = Path(workdir) / CHECKPOINT
@@ -158,12 +186,12 @@ def fit(cfg, train: TokenSet, vocab_size: int, bos: int, seed: int, workdir: Pat
         bar = tqdm(total=total * B * T, initial=step * B * T, unit="tok", unit_scale=True, desc="fit",
                    disable=None if distributed.is_writer() else True, leave=False)
         while step < total:
-            epoch, start = divmod(step, per_epoch)
-            for x, y in train.batches(T, B, seed=derive_seed(seed, "order", epoch), start=start):
+            epoch, done = divmod(step, per_epoch)  # batches of this epoch already trained on
+            for x, y in train.batches(T, B, seed=derive_seed(seed, "order", epoch), start=done):
                 lr = lr_at(step, total, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                x, y, weight = _rank_rows(x, _targets(y, bos), B)
+                x, y, weight = _rank_rows(vocab.inputs(x), _targets(y, vocab.bos), B)
                 x = torch.from_numpy(x).to(device, non_blocking=True)
                 y = torch.from_numpy(y).to(device, non_blocking=True)
                 with autocast(device):
@@ -179,7 +207,13 @@ def fit(cfg, train: TokenSet, vocab_size: int, bos: int, seed: int, workdir: Pat
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
                 if step % cfg.checkpoint_every == 0 and step < total:
                     _save_checkpoint(ckpt, model, opt, step, plan)
+                if step == total:  # `steps` may end a fit inside an epoch
+                    break
         bar.close()
+    if cfg.lora is not None:
+        from modelcollapse.families.lm.lora import merge_adapters
+
+        model = merge_adapters(model, start)
     model.eval()  # the checkpoint stays until the family's save_model has written the model
     return model
 
@@ -188,7 +222,7 @@ def fit(cfg, train: TokenSet, vocab_size: int, bos: int, seed: int, workdir: Pat
 
 
 @torch.no_grad()
-def test_ce(model: LM, test: TokenSet, cfg, bos: int, device: str) -> float:
+def test_ce(model: LM, test: TokenSet, cfg, vocab: Vocab, device: str) -> float:
     """Mean nats per token over every token of `test` that follows its BOS. With several ranks, rank r
     takes batches r, r + W, ... and the sums are added up over the ranks."""
     model.eval()
@@ -197,32 +231,48 @@ def test_ce(model: LM, test: TokenSet, cfg, bos: int, device: str) -> float:
     for i, (x, y) in enumerate(test.batches(cfg.block_size, cfg.batch_size, seed=None)):
         if i % W != r:
             continue
-        y = _targets(y, bos)
+        y = _targets(y, vocab.bos)
         n = int((y >= 0).sum())
         if n == 0:
             continue
         with autocast(device):
-            _, loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+            _, loss = model(torch.from_numpy(vocab.inputs(x)).to(device), torch.from_numpy(y).to(device))
         nats += float(loss) * n  # the model's loss is the mean over the targets that are not -1
         count += n
     nats, count = distributed.all_sum([nats, count])
     return nats / count
 
 
+def fast_path(model, cfg) -> bool:
+    """Whether our sampler does what `cfg` asks of `model` (else transformers' generate does)."""
+    return isinstance(model, LM) and cfg.repetition_penalty == 1.0 and cfg.num_beams == 1
+
+
 @torch.no_grad()
-def generate_docs(model: LM, n: int, cfg, bos: int, eos: int, generator: torch.Generator, device: str) -> list[np.ndarray]:
-    """`n` documents `BOS ... EOS` (no EOS when cut at max_sample_len tokens), sampled in one batch."""
+def generate_docs(model: LM, n: int, cfg, vocab: Vocab, generator: torch.Generator, device: str,
+                  prompts: np.ndarray | None = None) -> list[np.ndarray]:
+    """`n` documents `BOS ... EOS` (no EOS when cut at max_sample_len tokens), sampled in one batch, each
+    continuing its row of `prompts` (n, P + 1) (BOS and P real tokens; None: BOS alone)."""
     model.eval()
-    idx = torch.full((n, 1), bos, dtype=torch.long, device=device)
+    stored = np.full((n, 1), vocab.bos, dtype=np.int64) if prompts is None else prompts
+    idx = torch.from_numpy(vocab.inputs(stored)).to(device)
+    T0 = idx.size(1)
+    new = cfg.max_sample_len - T0
     with autocast(device):
-        out = model.generate(
-            idx, cfg.max_sample_len - 1, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eos, generator=generator,
-            compile=cfg.compile,
-        )
+        if fast_path(model, cfg):
+            out = model.generate(
+                idx, new, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=vocab.eos, generator=generator,
+                compile=cfg.compile, min_p=cfg.min_p,
+            )
+        else:
+            seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+            out = hf_generate(model, idx, new, cfg, vocab.eos, seed)
     docs = []
-    for row in out.cpu().numpy():
-        ends = np.flatnonzero(row == eos)
-        docs.append(row[: ends[0] + 1] if len(ends) else row)
+    for row, prompt in zip(out.cpu().numpy(), stored):
+        ends = np.flatnonzero(row[T0:] == vocab.eos)
+        row = row[: T0 + ends[0] + 1] if len(ends) else row
+        row[:T0] = prompt  # as stored: the document's own BOS id
+        docs.append(row)
     return docs
 
 
@@ -230,12 +280,42 @@ def _generator(seed: int, device: str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def eval_samples(model: LM, cfg, bos: int, eos: int, seed: int, device: str) -> list[np.ndarray]:
-    """The `eval_samples` documents the diversity metrics and samples.txt are computed from."""
+class Prompts:
+    """The prompts of one stream of samples: the first P + 1 tokens (BOS and P text tokens) of real documents
+    longer than that, in an order drawn from `seed`, cycled through as often as needed."""
+
+    def __init__(self, real: TokenSet, P: int, seed: int):
+        self.real, self.P = real, P
+        self.eligible = np.flatnonzero(real.doc_lengths() >= P + 2)  # at least one real token after the prompt
+        if not len(self.eligible):
+            raise BadInput(f"The 'prompt_tokens' parameter of lm ({P}) leaves no real training document longer than its prompt")
+        self.rng = np.random.default_rng(seed)
+        self.docs = iter(())
+
+    def take(self, n: int) -> np.ndarray:
+        out = np.empty((n, self.P + 1), dtype=np.int64)
+        for i in range(n):
+            doc = next(self.docs, None)
+            if doc is None:
+                self.docs = self.real.iter_docs(self.rng.permutation(self.eligible))
+                doc = next(self.docs)
+            out[i] = doc[: self.P + 1]
+        return out
+
+
+def prompts_for(cfg, real: TokenSet | None, seed: int) -> Prompts | None:
+    return Prompts(real, cfg.prompt_tokens, seed) if cfg.prompt_tokens else None
+
+
+def eval_samples(model: LM, cfg, vocab: Vocab, seed: int, device: str, real: TokenSet | None = None) -> list[np.ndarray]:
+    """The `eval_samples` documents the diversity metrics and samples.txt are computed from (prompted from
+    `real`, the real training set, when `prompt_tokens` > 0)."""
     g = _generator(derive_seed(seed, "eval-samples"), device)
+    prompts = prompts_for(cfg, real, derive_seed(seed, "eval-prompts"))
     docs: list[np.ndarray] = []
     while len(docs) < cfg.eval_samples:
-        docs += generate_docs(model, min(cfg.sample_batch, cfg.eval_samples - len(docs)), cfg, bos, eos, g, device)
+        b = min(cfg.sample_batch, cfg.eval_samples - len(docs))
+        docs += generate_docs(model, b, cfg, vocab, g, device, None if prompts is None else prompts.take(b))
     return docs
 
 
@@ -253,12 +333,36 @@ def diversity(docs: list[np.ndarray], bos: int, eos: int) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
+def example_nll(model, docs: list[np.ndarray], P: int, cfg, vocab: Vocab, device: str) -> np.ndarray:
+    """(len(docs),) each document's mean nats per token of what follows its BOS and P prompt tokens (its EOS
+    included), under `model`: a batch of documents at a time, padded on the right."""
+    model.eval()
+    out = np.empty(len(docs))
+    for i in range(0, len(docs), cfg.batch_size):
+        batch = docs[i : i + cfg.batch_size]
+        L = max(len(d) for d in batch)
+        x = np.zeros((len(batch), L - 1), np.int64)
+        y = np.full((len(batch), L - 1), -1, np.int64)
+        for j, d in enumerate(batch):
+            x[j, : len(d) - 1] = d[:-1]
+            y[j, P : len(d) - 1] = d[P + 1 :]
+        with autocast(device):
+            logits, _ = model(torch.from_numpy(vocab.inputs(x)).to(device))
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        yt = torch.from_numpy(y).to(device)
+        nll = -logp.gather(-1, yt.clamp(min=0)[..., None]).squeeze(-1) * (yt >= 0)
+        out[i : i + len(batch)] = (nll.sum(1) / (yt >= 0).sum(1).clamp(min=1)).cpu().numpy()
+    return out
+
+
 # -- sampling ------------------------------------------------------------------------------------------------
 
 
-def sample_shards(model: LM, size: int, cfg, vocab_size: int, bos: int, eos: int, seed: int, folder: Path, device: str) -> TokenSet:
-    """Exactly `size` tokens of sampled documents, as shards under `folder` (kept across a resume). With W
-    ranks, shard k is sampled by rank k mod W, W shards a round, and rank 0 writes each round's shards."""
+def sample_shards(model: LM, size: int, cfg, vocab: Vocab, seed: int, folder: Path, device: str, real: TokenSet | None = None) -> TokenSet:
+    """Exactly `size` tokens of sampled documents, as shards under `folder` (kept across a resume), prompted
+    from `real` when `prompt_tokens` > 0. With W ranks, shard k is sampled by rank k mod W, W shards a round,
+    and rank 0 writes each round's shards."""
     quotas = [min(cfg.shard_tokens, size - i) for i in range(0, size, cfg.shard_tokens)]
     stems = [folder / f"shard-{k:05d}" for k in range(len(quotas))]
     plan = dict(size=size, seed=seed, quotas=quotas, config=cfg.model_dump(mode="json"))
@@ -270,17 +374,18 @@ def sample_shards(model: LM, size: int, cfg, vocab_size: int, bos: int, eos: int
         atomic_write_json(plan_path, plan)
     todo = set(distributed.broadcast([k for k, stem in enumerate(stems) if not _shard_whole(stem, quotas[k])]))  # rank 0 decides
     W, r = distributed.world_size(), distributed.rank()
-    dtype = token_dtype(vocab_size)
+    dtype = vocab.dtype
     bar = tqdm(total=size, initial=size - sum(quotas[k] for k in todo), unit="tok", unit_scale=True, desc="sample",
                disable=None if distributed.is_writer() else True, leave=False)
     for first in range(0, len(quotas), W):
         if todo.isdisjoint(range(first, first + W)):
             continue
         k = first + r
-        docs = _sample_shard(model, quotas[k], cfg, bos, eos, derive_seed(seed, "shard", k), device, bar, dtype) if k in todo else None
+        docs = _sample_shard(model, quotas[k], cfg, vocab, derive_seed(seed, "shard", k), device, bar, real) if k in todo else None
         for i, theirs in enumerate(distributed.gather(docs) or []):  # rank 0: the round's shards, in shard order
             if theirs is not None:
-                write_shard(stems[first + i], theirs, dtype)
+                P = cfg.prompt_tokens  # the last document may be cut inside its prompt
+                write_shard(stems[first + i], theirs, dtype, [min(P, len(d) - 1) for d in theirs] if P else None)
                 if i:
                     bar.update(quotas[first + i])
     bar.close()
@@ -298,14 +403,16 @@ def _shard_whole(stem: Path, quota: int) -> bool:
         return False  # damaged since it was written: sampled again from its own seed
 
 
-def _sample_shard(model: LM, quota: int, cfg, bos: int, eos: int, seed: int, device: str, bar, dtype) -> list[np.ndarray]:
+def _sample_shard(model: LM, quota: int, cfg, vocab: Vocab, seed: int, device: str, bar, real: TokenSet | None) -> list[np.ndarray]:
     """The documents of one shard: exactly `quota` tokens, drawn from `seed` alone (whichever rank draws it)."""
     g = _generator(seed, device)
+    prompts = prompts_for(cfg, real, derive_seed(seed, "prompts"))
     docs, have = [], 0
     while have < quota:
-        for doc in generate_docs(model, cfg.sample_batch, cfg, bos, eos, g, device):
+        batch = None if prompts is None else prompts.take(cfg.sample_batch)
+        for doc in generate_docs(model, cfg.sample_batch, cfg, vocab, g, device, batch):
             doc = doc[: quota - have]  # the last document is cut so the shard holds exactly its quota
-            docs.append(doc.astype(dtype))  # as stored: a half or a quarter of the bytes to send to rank 0
+            docs.append(doc.astype(vocab.dtype))  # as stored: a half or a quarter of the bytes to send to rank 0
             have += len(doc)
             bar.update(len(doc))
             if have == quota:
