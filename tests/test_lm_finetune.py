@@ -421,3 +421,17 @@ def test_text_metrics_on_known_texts():
     out = metrics.text_metrics(same, real, {"mat"})
     assert out["rare_word_recall"] == 1.0 and out["ttr"] == pytest.approx(6 / 28)
     assert "rare_word_recall" not in metrics.text_metrics(same, real, set())
+
+
+def test_the_text_metrics_do_not_depend_on_the_hash_seed():
+    """Each cell of a sweep is its own process with its own string hashing: the same texts must give the same
+    bits (a sum over a set's order once differed in the last bit between a Ray and a local cell)."""
+    import subprocess
+    import sys
+
+    code = ("from collections import Counter; from modelcollapse.families.lm import metrics as m; "
+            "real = Counter({f'w{i}': i % 7 + 1 for i in range(300)}); "
+            "print(repr(m.text_metrics(['w1 w2 w3 w5 w8 w13 zz', 'w21 w34 w55 w89 w144 yy'] * 3, real, {'w89', 'w144'})))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": str(s)}).stdout for s in range(4)}
+    assert len(outs) == 1, outs

@@ -70,7 +70,7 @@ def unigram_kl(counts: Counter, real: Counter) -> float:
     """KL(p̂_samples ‖ p̂_real), p̂_real add-one smoothed over the words of both texts."""
     if not counts:
         return 0.0
-    vocab = list(set(real) | set(counts))
+    vocab = sorted(set(real) | set(counts))  # a fixed order: the sum must not depend on the hash seed
     r = np.array([real.get(w, 0) for w in vocab], dtype=float) + 1.0
     s = np.array([counts.get(w, 0) for w in vocab], dtype=float)
     p, q = s / s.sum(), r / r.sum()
