@@ -37,6 +37,8 @@ SCORES = {
     "self": "−|y − xᵀŵ| under the model that drew the label: keeps its least noisy labels",
 }
 TEST_CHUNK = 1 << 22  # test-set entries drawn at once: bounds memory for thousands of seeds
+TEST_CACHE = 1 << 26  # bytes of test sets kept: a run's policies take the same groups of seeds in turn, and a
+# test set (kept as its d x d statistics) costs far less to keep than its n_test * (d + 1) draws cost to redraw
 
 
 class Config(BaseModel):
@@ -404,9 +406,13 @@ class Family:
         seeds = np.atleast_1d(np.asarray(seed, dtype=np.int64))
         design, w_star = self.truth(seeds)
         if split == "test":
-            if seeds.tobytes() not in self._tests:
-                self._tests = {seeds.tobytes(): self.test_set(seeds, w_star)}
-            return self._tests[seeds.tobytes()]
+            key = seeds.tobytes()
+            if key not in self._tests:
+                test = self.test_set(seeds, w_star)
+                while self._tests and (len(self._tests) + 1) * test.A.nbytes > TEST_CACHE:
+                    del self._tests[next(iter(self._tests))]  # the oldest
+                self._tests[key] = test
+            return self._tests[key]
         # the fixed design: further real draws (the `fresh` policy) relabel the same X with fresh noise
         keys = stream_keys(seeds, "linreg", "real", draw)
         return Labels(design, [Block(design, self.sigma, w_star, keys, self.config.T, real=True)])
