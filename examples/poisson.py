@@ -8,6 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.stats import poisson
 
 PRIMARY_METRIC = "rate_sq_error"
+CLAIM = "The fitted rate drifts away from the truth under replace and stays near it under accumulate."  # the report's words
+METRICS = {  # name: (definition, unit, which way is better)
+    "rate_sq_error": ("(λ̂ − λ₀)², the fitted rate's squared error", "(counts/draw)²", "lower"),
+    "test_nll": ("mean negative log-likelihood of real held-out counts", "nats/count", "lower"),
+}
 
 
 class Config(BaseModel):  # the config's [poisson] table, named after this file

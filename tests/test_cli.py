@@ -139,7 +139,7 @@ def test_report_writes_figures_and_summary(tmp_path):
     assert cli("run", cfg, "--out", tmp_path / "run").returncode == 0
     r = cli("report", tmp_path / "run", "--out", tmp_path / "rep")
     assert r.returncode == 0, r.stderr
-    for name in ("index.html", "summary.md", "linreg-test_error.png", "linreg-run0-metrics.png"):
+    for name in ("index.html", "summary.md", "linreg-test_error.png", "g-metrics.png", "configs/g.toml"):
         assert (tmp_path / "rep" / name).stat().st_size > 0
     summary = (tmp_path / "rep" / "summary.md").read_text()
     assert "replace theory" in summary and "accumulate theory" in summary and "±" in summary

@@ -127,7 +127,7 @@ def test_local_linreg_sweep_is_ordinary_runs_and_one_table(linreg_local, tmp_pat
 def test_report_on_a_sweep_draws_a_panel_per_cell(linreg_local, tmp_path):
     r = cli("report", linreg_local / "out", "--out", tmp_path / "rep")
     assert r.returncode == 0, r.stderr
-    for name in ("index.html", "summary.md", "sweep0-test_error.png", "sweep0-test_mse_excess.png"):
+    for name in ("index.html", "summary.md", "lin-test_error.png", "lin-test_mse_excess.png", "configs/lin-T-6_sigma2-0.5.toml"):
         assert (tmp_path / "rep" / name).stat().st_size > 0
     summary = (tmp_path / "rep" / "summary.md").read_text()
     assert "| cell | T | sigma2 | replace (last iteration) | accumulate (last iteration) |" in summary

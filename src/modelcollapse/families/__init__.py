@@ -15,6 +15,13 @@ importable module (`my_package.my_module`) or a path to a `.py` file — and rea
   cannot fit in memory is refused before it starts), `SCORES` ({name: what it measures}, the scores
   `Family.score` gives a selection stage), `report_figures(run_dir, out_dir)` (the family's own figures of a
   run, drawn from its run directory into out_dir: a list of (title, PNG file name)).
+- optional, module level, for the report's words: `CLAIM` (one or two sentences: what a run of the family
+  tests, e.g. "replace grows, accumulate stays bounded"), `METRICS` ({name: (definition, unit, better)}, a
+  name may end in `*` to cover a family of names such as `class_freq_*`; `better` is "lower", "higher", or
+  where the best value lies, e.g. "1 (the truth's spread)", or "" where no direction is better),
+  `REFERENCE` (the paper's numbers where the family has an analogue) and `MIN_ITERATIONS` (the fewest
+  model-fitting iterations at which the claim can show; a run with fewer is reported as a smoke test).
+  A family that declares none gets `DEFAULT_CLAIM`, no definitions and MIN_ITERATIONS = 2.
 
 Optional on `Family`, for the selection stage and weighting (selection.py): `score(data, name, model,
 reference, seed)` (a score per example, higher is better; `model` drew the data, `reference` is generation
@@ -102,6 +109,35 @@ class FamilyProtocol(Protocol):
     def load_model(self, workdir: Path) -> Model: ...
 
 
+DEFAULT_CLAIM = ("The paper's claim for a model-fitting loop: when each generation's synthetic data replaces the "
+                 "training data, the test metric worsens every iteration; when it accumulates beside the real data, "
+                 "the metric stays bounded.")
+DEFAULT_MIN_ITERATIONS = 2  # one iteration is a fit on real data alone: no loop to see
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """What a metric is, for a reader of the report: a short definition, its unit and which way is better."""
+
+    definition: str
+    unit: str  # "nats/token", "Å", "" for a pure number
+    better: str  # "lower", "higher", where the best value lies ("1 (the truth's spread)"), or "" for no direction
+
+    @property
+    def direction(self) -> str:
+        if self.better in ("lower", "higher"):
+            return f"{self.better} is better"
+        return f"best: {self.better}" if self.better else "no better direction"
+
+
+# Metrics the loop adds to any family's (a selection stage's, selection.py).
+COMMON_METRICS = {
+    "select_kept_frac": MetricInfo("share of the newest model's candidates the selection kept", "", ""),
+    "select_score_kept": MetricInfo("mean selection score of the kept candidates", "the score's unit", ""),
+    "select_score_rejected": MetricInfo("mean selection score of the rejected candidates", "the score's unit", ""),
+}
+
+
 METHODS = ("real_data", "size", "concat", "subsample", "fit", "evaluate", "sample", "load_sample", "save_model", "load_model")
 
 
@@ -121,13 +157,57 @@ class FamilyModule:
     memory_estimate: Callable[[BaseModel, int, int, bool], int] | None = None
     report_figures: Callable[[Path, Path], list[tuple[str, str]]] | None = None
     scores: dict = None  # name -> what it measures: the scores `Family.score` gives a selection stage
+    claim: str = DEFAULT_CLAIM
+    metrics: dict = None  # name (or a pattern ending in *) -> MetricInfo
+    reference: str | None = None
+    min_iterations: int = DEFAULT_MIN_ITERATIONS
 
     def __post_init__(self):
-        if self.scores is None:
-            object.__setattr__(self, "scores", {})
+        for name in ("scores", "metrics"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, {})
+
+    def metric_info(self, metric: str) -> MetricInfo | None:
+        """The family's words for `metric` (an exact name first, then a `prefix*` pattern), or None."""
+        return metric_info(self.metrics, metric)
 
     def build(self, config: BaseModel, device: str, cache_dir: Path):
         return self.Family(config, device=device, cache_dir=cache_dir)
+
+
+def metric_info(metrics: dict, metric: str) -> MetricInfo | None:
+    """`metric`'s entry in `metrics` or COMMON_METRICS: its exact name first, then the longest `prefix*`."""
+    for table in (metrics, COMMON_METRICS):
+        if metric in table:
+            return table[metric]
+        patterns = [k for k in table if k.endswith("*") and metric.startswith(k[:-1])]
+        if patterns:
+            return table[max(patterns, key=len)]
+    return None
+
+
+def _words(name: str, module: ModuleType) -> dict:
+    """What the family says about itself for the report (CLAIM, METRICS, REFERENCE, MIN_ITERATIONS), checked."""
+    out = {}
+    claim, reference = getattr(module, "CLAIM", None), getattr(module, "REFERENCE", None)
+    for key, value in (("CLAIM", claim), ("REFERENCE", reference)):
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            raise BadInput(f"config error: family: {name!r}: {key} must be a non-empty string")
+    if claim is not None:
+        out["claim"] = claim
+    out["reference"] = reference
+    metrics = getattr(module, "METRICS", {})
+    if not isinstance(metrics, dict):
+        raise BadInput(f"config error: family: {name!r}: METRICS must map metric names to (definition, unit, better)")
+    for key, value in metrics.items():
+        if not (isinstance(value, (tuple, list)) and len(value) == 3 and all(isinstance(v, str) for v in value)):
+            raise BadInput(f"config error: family: {name!r}: METRICS[{key!r}] must be (definition, unit, better), three strings")
+    out["metrics"] = {k: MetricInfo(*v) for k, v in metrics.items()}
+    least = getattr(module, "MIN_ITERATIONS", DEFAULT_MIN_ITERATIONS)
+    if isinstance(least, bool) or not isinstance(least, int) or least < 1:
+        raise BadInput(f"config error: family: {name!r}: MIN_ITERATIONS must be an int >= 1")
+    out["min_iterations"] = least
+    return out
 
 
 def table_name(name: str) -> str:
@@ -189,6 +269,7 @@ def load_family(name: str) -> FamilyModule:
     scores = getattr(module, "SCORES", {})
     if not isinstance(scores, dict):
         raise BadInput(f"config error: family: {name!r}: SCORES must map score names to what they measure")
-    spec = FamilyModule(name, table, module, config_cls, family_cls, getattr(module, "PRIMARY_METRIC", None), **optional, scores=scores)
+    spec = FamilyModule(name, table, module, config_cls, family_cls, getattr(module, "PRIMARY_METRIC", None), **optional,
+                        scores=scores, **_words(name, module))
     _LOADED[name] = spec
     return spec

@@ -31,6 +31,19 @@ from modelcollapse.seeding import choose, stream_keys, uniform
 from modelcollapse.store import atomic_save_npz
 
 PRIMARY_METRIC = "gini_simpson"  # the Wright–Fisher heterozygosity: exact under every policy
+CLAIM = ("The Wright–Fisher model (Kazdan, Schaeffer et al. 2024, a follow-up to the paper): a categorical "
+         "distribution refit to its own draws loses outcomes for good under replace, its diversity decaying as "
+         "(1 − 1/n)^t, and keeps them when the draws accumulate beside the real data. The dashed lines are the "
+         "exact expectations (docs/theory.md).")
+METRICS = {
+    "gini_simpson": ("1 − Σp̂²: the chance that two draws from the fit differ", "", "the truth's value (collapse lowers it)"),
+    "entropy": ("−Σ p̂ log p̂, the fit's entropy", "nats", "the truth's value (collapse lowers it)"),
+    "lost": ("outcomes the fit gives probability 0 (the truth gives every outcome some)", "outcomes", "lower"),
+    "tail_mass": ("the fit's mass on the outcomes that make up the truth's last 10% of mass", "", "0.1 (the truth's)"),
+    "tv": ("½Σ|p̂ − p|, the total-variation distance from the truth", "", "lower"),
+    "kl": ("KL(p̂ ‖ p) from the fit to the truth", "nats", "lower"),
+}
+MIN_ITERATIONS = 10  # diversity decays by about 1/n per iteration: tens of iterations for n = 50
 CHUNK = 1 << 15  # draws (or positions) handled at once: a chunk of seeds stays in the CPU cache, 2× faster than all at once
 TAIL = 0.1  # tail_mass watches the outcomes that make up the truth's last 10% of mass
 

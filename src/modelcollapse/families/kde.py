@@ -33,6 +33,15 @@ from modelcollapse.seeding import choose, derive_seed, normal, subkeys, uniform
 from modelcollapse.store import atomic_save_npy, atomic_save_npz
 
 PRIMARY_METRIC = "test_nll"
+CLAIM = ("Kazdan, Schaeffer et al. 2024 (a follow-up to the paper): a kernel density estimate refit to its own "
+         "samples widens and drifts under replace, so its negative log-likelihood on real held-out points grows "
+         "every generation, while under accumulate it levels off. No closed form is known; no theory is drawn.")
+METRICS = {
+    "test_nll": ("mean negative log density of the KDE at held-out real points", "nats/point", "lower"),
+    "mean_sq_error": ("‖mean of the KDE − mean of the held-out points‖²", "(units of x)²", "lower"),
+    "trace_ratio": ("tr Cov(KDE) / tr Cov(held-out points): the fitted spread relative to the data's", "", "1 (the data's spread)"),
+}
+MIN_ITERATIONS = 10  # each generation adds one bandwidth's worth of spread: a few are within the noise
 CHUNK = 1 << 22  # pairwise distances (or drawn numbers) held at once
 BLOB_CENTRES = np.array([[-2.0, 0.0], [2.0, 0.0], [0.0, 2 * math.sqrt(3)]])
 NOISE = {"moons": 0.1, "circles": 0.05, "blobs": 0.5, "swiss_roll": 0.5}  # each generator's noise, unless given
