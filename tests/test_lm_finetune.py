@@ -206,8 +206,8 @@ def test_init_base_starts_every_generation_from_the_base_and_previous_from_its_p
     from modelcollapse.report import write_report
 
     report = write_report([out], tmp_path / "report")
-    assert (report / "run0" / "sample-ppl.png").stat().st_size > 5000
-    assert "sample-ppl.png" in (report / "index.html").read_text()
+    assert (report / "previous" / "sample-ppl.png").stat().st_size > 5000  # in a folder named after the run
+    assert "previous/sample-ppl.png" in (report / "index.html").read_text()
 
 
 def test_sample_ppl_uses_the_reference_model(bases, tmp_path, monkeypatch):
