@@ -13,8 +13,14 @@ from typing import Optional
 import typer
 
 from modelcollapse.errors import BadInput, RunFailed
+from modelcollapse.procs import DEFAULT_THREADS, THREADS_ENV, set_threads
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# The benchmarks' names, without importing the benchmarks (numpy, torch) to print help.
+BENCH_NAMES = ("linreg", "linreg-all", "gaussian", "categorical", "kde", "lm-train", "lm-sample")
+THREADS_HELP = (f"torch/OpenMP threads (default: ${THREADS_ENV}, else OMP_NUM_THREADS, else {DEFAULT_THREADS}: "
+                "small models gain nothing from more, and lose much on shared cores)")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Model-fitting feedback loops, and whether the models collapse.")
 
 
@@ -44,12 +50,14 @@ class Scale(str, Enum):
 
 @app.command()
 def run(
-    config: Path = typer.Argument(..., help="experiment config (TOML)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: runs/<name>); resumed if present"),
-    set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set linreg.T=50"),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes on this node (launched as torchrun does; lm only)"),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="experiment config (TOML); a sweep file runs with `modelcollapse sweep`"),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="run directory (default: runs/<name>); resumed if present"),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override a config key, e.g. --set linreg.T=50 (repeatable)"),
+    nproc: int = typer.Option(1, "--nproc", metavar="N", min=1, help="data-parallel processes on this node (launched as torchrun does; lm only)"),
+    threads: Optional[int] = typer.Option(None, "--threads", metavar="N", min=1, help=THREADS_HELP),
 ):
     """Run one experiment: every policy, seed and iteration of CONFIG."""
+    set_threads(threads)
     from modelcollapse import config as configlib
     from modelcollapse import distributed
     from modelcollapse.loop import run_experiment
@@ -76,18 +84,18 @@ THEORY_OPTIONS = {"linreg": ("d", "T", "sigma2"), "gaussian": ("d", "n", "sigma2
 
 @app.command()
 def theory(
-    family: str = typer.Argument(..., help="linreg, gaussian or categorical"),
-    policy: str = typer.Option("accumulate", "--policy", help="replace, accumulate, replace-grown (linreg); any built-in policy (gaussian, categorical)"),
-    real_fraction: Optional[float] = typer.Option(None, "--real-fraction", help="λ of mix and fresh"),
-    d: Optional[int] = typer.Option(None, "--d", help="dimension (linreg: 10, gaussian: its default)"),
-    T: Optional[int] = typer.Option(None, "--T", help="linreg: training rows (default 111)"),
-    n: Optional[int] = typer.Option(None, "--n", help="gaussian, categorical: samples per generation"),
-    sigma2: Optional[float] = typer.Option(None, "--sigma2", help="linreg: noise variance; gaussian: Σ₀ = σ²I (default 1)"),
-    estimator: Optional[str] = typer.Option(None, "--estimator", help="gaussian: mle (default) or unbiased"),
-    k: Optional[int] = typer.Option(None, "--k", help="categorical: outcomes"),
-    zipf: Optional[float] = typer.Option(None, "--zipf", help="categorical: Zipf exponent of the truth (0: uniform)"),
-    smoothing: Optional[float] = typer.Option(None, "--smoothing", help="categorical: additive smoothing α (default 0)"),
-    iterations: int = typer.Option(10, "--iterations"),
+    family: str = typer.Argument(..., metavar="FAMILY", help="linreg, gaussian or categorical"),
+    policy: str = typer.Option("accumulate", "--policy", metavar="P", help="replace, accumulate, replace-grown (linreg); any built-in policy (gaussian, categorical)"),
+    real_fraction: Optional[float] = typer.Option(None, "--real-fraction", metavar="λ", help="λ of mix and fresh"),
+    d: Optional[int] = typer.Option(None, "--d", metavar="D", help="dimension (linreg: 10, gaussian: its default)"),
+    T: Optional[int] = typer.Option(None, "--T", metavar="T", help="linreg: training rows (default 111)"),
+    n: Optional[int] = typer.Option(None, "--n", metavar="N", help="gaussian, categorical: samples per generation"),
+    sigma2: Optional[float] = typer.Option(None, "--sigma2", metavar="S", help="linreg: noise variance; gaussian: Σ₀ = σ²I (default 1)"),
+    estimator: Optional[str] = typer.Option(None, "--estimator", metavar="mle|unbiased", help="gaussian: mle (default) or unbiased"),
+    k: Optional[int] = typer.Option(None, "--k", metavar="K", help="categorical: outcomes"),
+    zipf: Optional[float] = typer.Option(None, "--zipf", metavar="S", help="categorical: Zipf exponent of the truth (0: uniform)"),
+    smoothing: Optional[float] = typer.Option(None, "--smoothing", metavar="A", help="categorical: additive smoothing α (default 0)"),
+    iterations: int = typer.Option(10, "--iterations", metavar="N", help="model-fitting iterations"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object instead of a table"),
 ):
     """Exact expected metrics per iteration: linreg's Theorems 1 and 2; the gaussian's and categorical's
@@ -133,8 +141,8 @@ def theory(
 
 @app.command()
 def report(
-    dirs: list[Path] = typer.Argument(..., help="run directories (or sweep directories)"),
-    out: Path = typer.Option(..., "--out", help="report directory: index.html, PNG figures, summary.md"),
+    dirs: list[Path] = typer.Argument(..., metavar="DIR...", help="run directories (or sweep directories)"),
+    out: Path = typer.Option(..., "--out", metavar="REPORT_DIR", help="report directory: index.html, PNG figures, summary.md"),
 ):
     """Figures and tables from run directories, with theory overlaid where it exists."""
     from modelcollapse.report import write_report
@@ -145,14 +153,16 @@ def report(
 
 @app.command()
 def sweep(
-    sweep_file: Path = typer.Argument(..., help="sweep file: [base] config and a [grid] of overrides"),
-    out: Path = typer.Option(..., "--out", help="sweep directory; each cell is a run directory inside it"),
-    set_: list[str] = typer.Option([], "--set", help="override a key of the base config"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="cells at once (local, default 1) or the CPUs of a local Ray instance (default all)"),
+    sweep_file: Path = typer.Argument(..., metavar="SWEEP_FILE", help="sweep file: a [base] config and a [grid] of overrides; a run config runs with `modelcollapse run`"),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="sweep directory; each cell is a run directory inside it"),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override a key of the base config (repeatable)"),
+    workers: Optional[int] = typer.Option(None, "--workers", metavar="N", help="cells at once (local, default 1) or the CPUs of a local Ray instance (default all)"),
     backend: Backend = typer.Option(Backend.local, "--backend", help="local: child processes here; ray: a Ray task per cell"),
-    address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster (e.g. auto) instead of starting a local one"),
+    address: Optional[str] = typer.Option(None, "--address", metavar="ADDR", help="join this Ray cluster (e.g. auto) instead of starting a local one"),
+    threads: Optional[int] = typer.Option(None, "--threads", metavar="N", min=1, help=THREADS_HELP + "; per cell"),
 ):
     """Run every cell of a sweep; finished cells are skipped, a failed cell does not stop the others."""
+    set_threads(threads)
     from modelcollapse.sweep import run_sweep
 
     results = run_sweep(sweep_file, out, set_, workers=workers, backend=backend.value, address=address)
@@ -168,10 +178,12 @@ def sweep(
 @app.command()
 def reproduce(
     scale: Scale = typer.Option(Scale.quick, "--scale", help="quick: minutes on a laptop; cpu: hours; paper: GPUs"),
-    only: Optional[str] = typer.Option(None, "--only", help="comma-separated families, e.g. linreg,lm"),
-    out: Path = typer.Option(Path("results"), "--out", help="one run directory per preset, and report/"),
+    only: Optional[str] = typer.Option(None, "--only", metavar="FAMILY,...", help="comma-separated families, e.g. linreg,lm"),
+    out: Path = typer.Option(Path("results"), "--out", metavar="DIR", help="one run directory per preset, and report/"),
+    threads: Optional[int] = typer.Option(None, "--threads", metavar="N", min=1, help=THREADS_HELP),
 ):
     """The paper end to end at a scale: every preset of configs/<scale>/, then one report."""
+    set_threads(threads)
     from modelcollapse.reproduce import reproduce as reproduce_all
 
     report_dir = reproduce_all(scale.value, only.split(",") if only else None, out)
@@ -180,8 +192,8 @@ def reproduce(
 
 @app.command()
 def export(
-    gen_dir: Path = typer.Argument(..., help="a generation's folder: DIR/<policy>/seed-<s>/gen-<n>"),
-    out: Path = typer.Option(..., "--out", help="where to write the exported model"),
+    gen_dir: Path = typer.Argument(..., metavar="GEN_DIR", help="a generation's folder: DIR/<policy>/seed-<s>/gen-<n>"),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="where to write the exported model"),
 ):
     """Export a generation's model to the format its field uses (lm: Hugging Face transformers). OUT must be
     new or an empty folder; it appears whole or not at all."""
@@ -206,11 +218,14 @@ def export(
 
 @app.command()
 def bench(
-    name: str = typer.Argument(..., help="linreg, lm-train or lm-sample"),
+    name: str = typer.Argument(..., metavar="NAME", help=f"one of {', '.join(BENCH_NAMES)}"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object a line"),
     quick: bool = typer.Option(False, "--quick", help="a small smoke run (numbers are not meaningful)"),
+    threads: Optional[int] = typer.Option(None, "--threads", metavar="N", min=1, help=THREADS_HELP),
 ):
-    """Ours against the baseline, in one process, interleaved, on the same inputs."""
+    """Ours against the baseline, in one process, interleaved, on the same inputs. What it is timing goes to
+    stderr as it goes; the result rows to stdout."""
+    set_threads(threads)
     from modelcollapse.bench import run_bench
 
     for row in run_bench(name, quick=quick):

@@ -248,6 +248,9 @@ def _policy(i: int, entry) -> Policy:
 
 def load(path: Path, overrides: list[str] = ()) -> ExperimentConfig:
     raw = read_toml(path)
+    if "grid" in raw:  # what makes a sweep file (sweep.is_sweep)
+        raise BadInput(f"{path} is a sweep file (it has a [grid] table), not a run config: run it with "
+                       f"`modelcollapse sweep {path} --out DIR`")
     raw.setdefault("name", Path(path).stem)
     return from_dict(apply_overrides(raw, list(overrides)))
 

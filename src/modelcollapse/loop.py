@@ -110,10 +110,10 @@ def run_experiment(cfg: ExperimentConfig, out: Path, progress: bool | None = Non
             resumed = finished_rows(store, cfg, family)
             store.reset_metrics(resumed)
             quiet = progress is False or not distributed.is_writer()
-            bar = tqdm(total=len(cfg.policies) * cfg.iterations * len(cfg.seeds), desc=cfg.name, unit="seed-gen",
-                       unit_scale=True, disable=True if quiet else None)
+            bar = progress_bar(len(cfg.policies) * cfg.iterations * len(cfg.seeds), cfg.name, quiet)
             stopped = []
             for policy in cfg.policies:
+                bar.set_description(f"{cfg.name}: {policy.label}", refresh=False)
                 chains = [cfg.seeds] if vectorised(family) else [[s] for s in cfg.seeds]
                 for seeds in chains:
                     try:
@@ -128,6 +128,32 @@ def run_experiment(cfg: ExperimentConfig, out: Path, progress: bool | None = Non
             if resumed and store.appended:
                 store.reset_metrics(finished_rows(store, cfg, family))  # resumed units were appended after later ones
     return out
+
+
+LOG_EVERY = 10.0  # seconds: where stderr is a log, not a terminal, a progress line this often (none for shorter runs)
+
+
+class _Lines:
+    """tqdm's refreshes as lines of their own, for a log (a terminal gets the bar redrawn in place)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.strip("\r\n")
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(total: int, name: str, quiet: bool):
+    """A bar of seed-generations done, with what runs (the run and policy), its rate and the time left."""
+    if quiet or sys.stderr.isatty():
+        return tqdm(total=total, desc=name, unit="seed-gen", unit_scale=True, disable=quiet)
+    return tqdm(total=total, desc=name, unit="seed-gen", unit_scale=True, file=_Lines(sys.stderr), ascii=True,
+                delay=LOG_EVERY, mininterval=LOG_EVERY, ncols=100)
 
 
 def available_memory() -> int | None:

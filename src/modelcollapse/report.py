@@ -459,14 +459,15 @@ def draw_group(ax, run: Run, names: list[str], colors: dict[str, str]) -> None:
                 its = sorted(per_it)
                 label = f"{policy} (a line per {group_key(names)})" if k == 0 else None
                 ax.plot(its, [np.mean(per_it[n]) for n in its], "-", color=colors[policy], lw=0.9, alpha=0.75, label=label)
-    finish(ax, run.family, names[0])
+    finish(ax, run.family, names[0], group_key(names))
 
 
-def finish(ax, family: str, metric: str) -> None:
-    unit = unit_of(family, metric)
+def finish(ax, family: str, metric: str, shown: str | None = None) -> None:
+    """Axis labels: the iteration, and the metric (`shown`: a group's name instead) with its unit."""
+    unit, shown = unit_of(family, metric), shown or metric
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("model-fitting iteration")
-    ax.set_ylabel(f"{metric} ({unit})" if unit else metric, fontsize=8)
+    ax.set_ylabel(f"{shown} ({unit})" if unit else shown, fontsize=8)
     ax.grid(alpha=0.3)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from modelcollapse import config as configlib
@@ -25,6 +26,19 @@ def presets(scale: str, only: list[str] | None) -> list[tuple[Path, str]]:
     return found
 
 
+def say(message: str) -> None:
+    """A block's header on stderr, where the loop's progress goes, so that a reader knows what runs."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def describe(plan) -> str:
+    """What a preset runs: policies x seeds x iterations, or a sweep's cells."""
+    if isinstance(plan, configlib.ExperimentConfig):
+        return f"{', '.join(plan.labels())}; {len(plan.seeds)} seed(s) x {plan.iterations} iterations"
+    name, cells = plan
+    return f"sweep {name}: {len(cells)} cells"
+
+
 def reproduce(scale: str, only: list[str] | None, out: Path) -> Path:
     from modelcollapse.loop import run_experiment
     from modelcollapse.report import write_report
@@ -36,11 +50,13 @@ def reproduce(scale: str, only: list[str] | None, out: Path) -> Path:
         raw = configlib.read_toml(path)
         plans.append((path, load_sweep(path) if is_sweep(raw) else configlib.load(path)))
     failed = []
-    for path, plan in plans:
+    for i, ((path, family), (_, plan)) in enumerate(zip(chosen, plans), 1):
+        say(f"=== {family} ({i}/{len(plans)}): {scale}/{path.name}, {describe(plan)} -> {out / path.stem}")
         if isinstance(plan, configlib.ExperimentConfig):
             run_experiment(plan, out / path.stem)
         else:
             failed += [c.name for c, status in run_sweep(path, out / path.stem) if status != "done"]
+    say(f"=== report of {len(chosen)} preset(s) -> {out / 'report'}")
     report = write_report([out / p.stem for p, _ in chosen], out / "report")
     if failed:
         raise RuntimeError(f"reproduce: sweep cells failed: {', '.join(failed)}")

@@ -135,6 +135,9 @@ def sweep_base(path: Path, raw: dict) -> dict:
 
 def load_sweep(path: Path, overrides: list[str] = ()) -> tuple[str, list[Cell]]:
     raw = configlib.read_toml(path)
+    if not is_sweep(raw) and "family" in raw:
+        raise BadInput(f"{path} is a run config (it has no [grid] table), not a sweep file: run it with "
+                       f"`modelcollapse run {path}`")
     unknown = set(raw) - {"base", "grid"}
     if unknown:
         raise BadInput(f"sweep {path}: unknown key(s) {sorted(unknown)}; a sweep has only 'base' and 'grid'")

@@ -38,7 +38,7 @@ def compare(family, name: str, policies, draws, baseline, config: dict, repeats:
         t_ours, t_base = paired_times(
             lambda: out.__setitem__("ours", simulate(family, from_spec(policy), seeds, N)),
             lambda: out.__setitem__("base", baseline(inputs, policy)),
-            repeats=repeats,
+            repeats=repeats, what=f"{name}-{policy}",
         )
         diff = max(float(np.max(np.abs(out["ours"][k] - v) / np.maximum(np.abs(v), 1e-300))) for k, v in out["base"].items())
         rows.append({"bench": f"{name}-{policy}", "ours": float(np.median(t_ours)), "baseline": float(np.median(t_base)),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from modelcollapse.bench import median_ratio, paired_times
+from modelcollapse.bench import median_ratio, paired_times, say
 from modelcollapse.families import linreg as family_module
 from modelcollapse.families.linreg import Block, Labels
 from modelcollapse.loop import simulate
@@ -61,7 +61,7 @@ def linreg(quick: bool = False, S: int = 100, T: int = 89, d: int = 7, N: int = 
         t_ours, t_base = paired_times(
             lambda: out.__setitem__("ours", simulate(family, from_spec(policy), seeds, N)["test_error"]),
             lambda: out.__setitem__("base", baseline(X, w_star, y1, E, family.sigma, policy)),
-            repeats=3 if quick else 5,
+            repeats=3 if quick else 5, what=f"linreg-{policy} ({S} seeds x {N} iterations)",
         )
         err = float(np.max(np.abs(out["ours"] - out["base"])))
         rows.append({
@@ -97,9 +97,11 @@ def linreg_all(quick: bool = False, S: int = 2000, N: int = 100, d: int = 20, T:
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name != skip)
 
     with tempfile.TemporaryDirectory() as tmp:
+        say(f"running the fast path: 6 policies x {S} seeds x {N} iterations into a run directory")
         t0, c0 = time.perf_counter(), time.process_time()
         fast = run_experiment(config("fast", S), Path(tmp) / "fast", progress=False)
         t_fast, c_fast = time.perf_counter() - t0, time.process_time() - c0
+        say(f"  {t_fast:.3g} s; running the generic loop on {loop_seeds} seeds (a folder per generation)")
         t0 = time.perf_counter()
         loop = run_experiment(config("loop", loop_seeds), Path(tmp) / "loop", progress=False)
         t_loop = time.perf_counter() - t0

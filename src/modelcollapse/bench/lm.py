@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from modelcollapse.bench import median_ratio, paired_times
+from modelcollapse.bench import median_ratio, paired_times, say
 from modelcollapse.families.lm.hf import to_hf
 from modelcollapse.families.lm.model import LM, LMConfig
 
@@ -35,6 +35,7 @@ SHAPES = [
 
 def matmul_peak(n: int = 2048, seconds: float = 2.0) -> float:
     """float32 FLOP/s of a large square torch.matmul on this machine, the best of a few timed runs."""
+    say(f"measuring this machine's float32 matmul peak ({n}x{n}, {seconds:g} s), for the MFU columns")
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.matmul(a, b)
     best, t_end = float("inf"), time.perf_counter() + seconds
@@ -100,8 +101,9 @@ def train_row(c: LMConfig, B: int, repeats: int, steps_per_call: int, compile: b
     f_ours = torch.compile(ours) if compile else ours
     step_ours = lambda: _train_steps(lambda: f_ours(x, y)[1], ours, opt_ours, steps_per_call)
     step_hf = lambda: _train_steps(lambda: hf(input_ids=x, labels=x).loss, hf, opt_hf, steps_per_call)
+    say(f"lm-train {shape_name(c)}: a first step" + (" (torch.compile compiles here, a minute or more)" if compile else ""))
     step_ours()  # an extra warm-up: compilation happens here
-    t_ours, t_base = paired_times(step_ours, step_hf, repeats)
+    t_ours, t_base = paired_times(step_ours, step_hf, repeats, what=f"lm-train {shape_name(c)}, batch {B}")
     flops = 6 * matmul_params(c) + 12 * c.n_layer * c.n_embd * T
     return _row("lm-train", c, B * T * steps_per_call, t_ours, t_base, flops, peak, equal=abs(loss_ours - loss_hf) <= 1e-4,
                 loss_ours=loss_ours, loss_baseline=loss_hf, batch=B, compile=compile)
@@ -143,7 +145,7 @@ def sample_row(ours: LM, hf, B: int, n_new: int, repeats: int, compile: bool, pe
             hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
                         max_new_tokens=n_new, min_new_tokens=n_new)
 
-    t_ours, t_base = paired_times(run_ours, run_hf, repeats)
+    t_ours, t_base = paired_times(run_ours, run_hf, repeats, what=f"lm-sample {shape_name(c)}, batch {B}, {n_new} new tokens")
     flops = 2 * matmul_params(c) + 4 * c.n_layer * c.n_embd * (1 + n_new / 2)  # attention at the mean context
     return _row("lm-sample", c, B * n_new, t_ours, t_base, flops, peak, batch=B, new_tokens=n_new, compile=compile)
 
@@ -164,7 +166,7 @@ def prompted_row(ours: LM, hf, B: int, P: int, n_new: int, repeats: int, compile
 
     with torch.no_grad():
         equal = torch.equal(ours.generate(idx, n_new, temperature=0, compile=compile), run_hf(do_sample=False))
-    t_ours, t_base = paired_times(run_ours, run_hf, repeats)
+    t_ours, t_base = paired_times(run_ours, run_hf, repeats, what=f"lm-sample {shape_name(c)}, batch {B}, {P}-token prompts")
     flops = 2 * matmul_params(c) + 4 * c.n_layer * c.n_embd * (P + 1 + n_new / 2)
     return _row("lm-sample", c, B * n_new, t_ours, t_base, flops, peak, batch=B, new_tokens=n_new, prompt_tokens=P, compile=compile,
                 equal=equal)
