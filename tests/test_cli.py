@@ -154,6 +154,8 @@ def test_reproduce_quick_linreg_end_to_end(tmp_path):
     sweep = json.loads((tmp_path / "res" / "linreg-fig7" / "sweep.json").read_text())
     assert [c["name"] for c in sweep["cells"]] == ["T-16", "T-50", "T-111"]
     assert all(c["status"] == "done" for c in sweep["cells"])
+    assert "=== linreg (1/2): quick/linreg-fig7.toml, sweep linreg-fig7: 3 cells" in r.stderr  # a header per block
+    assert "=== linreg (2/2): quick/linreg-loop.toml, replace, accumulate" in r.stderr
     r = cli("reproduce", "--scale", "quick", "--only", "gan", "--out", tmp_path / "res2")
     assert r.returncode == 2 and "no quick preset for gan" in r.stderr
 
@@ -164,6 +166,7 @@ def test_bench_linreg_json(tmp_path):
     assert r.returncode == 0 and [x["bench"] for x in rows] == ["linreg-replace", "linreg-accumulate"]
     for row in rows:
         assert set(row) >= {"bench", "ours", "baseline", "unit", "ratio", "equal"} and row["equal"] is True
+    assert "bench: linreg: linreg's batched simulation" in r.stderr and "bench: timing linreg-accumulate" in r.stderr  # as it goes
     r = cli("bench", "gan")
     assert r.returncode == 2 and "unknown benchmark" in r.stderr
 
@@ -230,3 +233,81 @@ def test_an_interrupted_run_says_how_to_resume_in_one_line(tmp_path, sig):
     r = cli("run", cfg, "--out", out)
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "manifest.json").read_text())["status"] == "done"
+
+
+def test_help_is_plain_text_that_says_what_each_option_takes():
+    """No markup swallows [base] and [grid]; a flag shows no type; bench names the benchmarks it has."""
+    from typer.testing import CliRunner
+
+    from modelcollapse.bench import BENCHES
+    from modelcollapse.cli import BENCH_NAMES, app
+
+    assert BENCH_NAMES == tuple(BENCHES)
+    runner = CliRunner()
+    for command in ("run", "sweep", "reproduce", "bench", "report", "theory", "export"):
+        r = runner.invoke(app, [command, "--help"], terminal_width=100)
+        assert r.exit_code == 0 and "<bool>" not in r.output and "│" not in r.output, r.output
+        if command in ("run", "sweep", "reproduce", "bench"):
+            assert "--threads N" in r.output and "MODELCOLLAPSE_THREADS" in r.output
+    sweep = runner.invoke(app, ["sweep", "--help"], terminal_width=100).output
+    assert "a [base] config and a [grid] of overrides" in " ".join(sweep.split()) and "--set KEY=VALUE" in sweep
+    bench = " ".join(runner.invoke(app, ["bench", "--help"], terminal_width=100).output.split())
+    assert "one of linreg, linreg-all, gaussian, categorical, kde, lm-train, lm-sample" in bench
+
+
+def test_run_and_sweep_each_name_the_other_for_the_others_file(tmp_path):
+    config, sweep = tmp_path / "c.toml", tmp_path / "s.toml"
+    config.write_text(GOOD)
+    sweep.write_text('[base]\nname = "s"\nfamily = "linreg"\npolicies = ["replace"]\niterations = 2\nseeds = 2\n[grid]\n"linreg.T" = [6, 20]\n')
+    r = cli("run", sweep, "--out", tmp_path / "out")
+    assert r.returncode == 2 and r.stderr == (f"error: {sweep} is a sweep file (it has a [grid] table), not a run config: "
+                                             f"run it with `modelcollapse sweep {sweep} --out DIR`\n")
+    r = cli("sweep", config, "--out", tmp_path / "out")
+    assert r.returncode == 2 and r.stderr == (f"error: {config} is a run config (it has no [grid] table), not a sweep file: "
+                                             f"run it with `modelcollapse run {config}`\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_threads_come_from_the_option_else_the_environment_else_one(monkeypatch, tmp_path):
+    import torch
+
+    from modelcollapse.procs import set_threads
+
+    for var in ("MODELCOLLAPSE_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    try:
+        assert set_threads() == 1 and torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+        assert "MODELCOLLAPSE_THREADS" not in os.environ  # no choice of the user's: a Ray cell takes its config's cpus
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert set_threads() == 3 and torch.get_num_threads() == 3
+        monkeypatch.setenv("MODELCOLLAPSE_THREADS", "2")
+        assert set_threads() == 2 and torch.get_num_threads() == 2 and os.environ["OMP_NUM_THREADS"] == "2"
+        assert set_threads(1) == 1 and torch.get_num_threads() == 1 and os.environ["MODELCOLLAPSE_THREADS"] == "1"  # --threads wins
+    finally:
+        torch.set_num_threads(1)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(GOOD)
+    r = subprocess.run([sys.executable, "-m", "modelcollapse", "run", str(cfg), "--out", str(tmp_path / "out")], capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=str(SRC), MODELCOLLAPSE_THREADS="many"))
+    assert r.returncode == 2 and r.stderr == "error: MODELCOLLAPSE_THREADS must be a positive integer (got 'many')\n"
+    r = cli("run", cfg, "--out", tmp_path / "out", "--threads", "0")
+    assert r.returncode == 2 and "Invalid value for '--threads'" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_progress_goes_to_a_log_as_lines(monkeypatch):
+    """Where stderr is not a terminal, the bar is a line of its own every LOG_EVERY seconds, saying what runs."""
+    import io
+
+    from modelcollapse import loop
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    monkeypatch.setattr(loop, "LOG_EVERY", 0.0)
+    bar = loop.progress_bar(4, "demo", quiet=False)
+    bar.set_description("demo: replace", refresh=False)
+    for _ in range(4):
+        bar.update(1)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) >= 4 and lines[-1].startswith("demo: replace: 100%")
+    assert loop.progress_bar(4, "demo", quiet=True).disable

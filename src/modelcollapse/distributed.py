@@ -164,7 +164,7 @@ def launch(nproc: int, device: str, args: list[str]) -> int:
     if device == "cuda" and nproc > torch.cuda.device_count():
         raise BadInput(f"--nproc {nproc} needs a GPU per process; this node has {torch.cuda.device_count()}")
 
-    os.environ["OMP_NUM_THREADS"] = threads_each(nproc)  # torchrun's habit, but a share of the cores rather than 1
+    os.environ["OMP_NUM_THREADS"] = threads_each(nproc)  # the user's choice, else torchrun's habit of 1 per process
     for name in list(logging.root.manager.loggerDict):  # we report failures ourselves (its loggers set their own levels)
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)

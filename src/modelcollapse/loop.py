@@ -140,9 +140,9 @@ class _Lines:
         self.stream = stream
 
     def write(self, text: str) -> None:
-        text = text.strip("\r\n")
-        if text:
-            self.stream.write(text + "\n")
+        for line in text.replace("\r", "\n").split("\n"):
+            if line.strip():
+                self.stream.write(line.rstrip() + "\n")
 
     def flush(self) -> None:
         self.stream.flush()

@@ -18,30 +18,38 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def threads_each(n: int) -> str:
-    """OMP_NUM_THREADS for each of n processes sharing this machine: the user's choice, else a share of the cores."""
-    return os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n))
-
-
 THREADS_ENV = "MODELCOLLAPSE_THREADS"
 DEFAULT_THREADS = 1  # the toolkit's CPU models are small: a second thread gains little, and on shared cores costs much
 
 
+def user_threads() -> str | None:
+    """The thread count the user chose ($MODELCOLLAPSE_THREADS, which --threads exports, or OMP_NUM_THREADS set
+    by hand), None where they chose none."""
+    return os.environ.get(THREADS_ENV) or os.environ.get("OMP_NUM_THREADS") or None
+
+
+def threads_each(n: int) -> str:
+    """OMP_NUM_THREADS for each of n processes sharing this machine: the user's choice, else DEFAULT_THREADS."""
+    return user_threads() or str(DEFAULT_THREADS)
+
+
 def set_threads(n: int | None = None) -> int:
     """Set the torch/OpenMP/BLAS threads of this process and of the processes it starts, and return the number:
-    `n` (--threads), else $MODELCOLLAPSE_THREADS, else OMP_NUM_THREADS as the user set it, else DEFAULT_THREADS.
+    `n` (--threads), else $MODELCOLLAPSE_THREADS, else OMP_NUM_THREADS, else DEFAULT_THREADS. A choice of the
+    user's is exported as $MODELCOLLAPSE_THREADS too, which a Ray cell then takes over its config's `cpus`.
     Called before numpy or torch is imported, the environment is enough; torch, when already imported, is told too."""
     from modelcollapse.errors import BadInput
 
-    if n is None:
-        given = os.environ.get(THREADS_ENV) or os.environ.get("OMP_NUM_THREADS")
-        try:
-            n = int(given) if given else DEFAULT_THREADS
-        except ValueError:
-            n = 0
-        if n < 1:
-            name = THREADS_ENV if os.environ.get(THREADS_ENV) else "OMP_NUM_THREADS"
-            raise BadInput(f"{name} must be a positive integer (got {given!r})")
+    given = str(n) if n is not None else user_threads()
+    try:
+        n = int(given) if given else DEFAULT_THREADS
+    except ValueError:
+        n = 0
+    if n < 1:
+        name = THREADS_ENV if os.environ.get(THREADS_ENV) else "OMP_NUM_THREADS"
+        raise BadInput(f"{name} must be a positive integer (got {given!r})")
+    if given:
+        os.environ[THREADS_ENV] = str(n)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(n)
     if "torch" in sys.modules:

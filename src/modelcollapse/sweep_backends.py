@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from modelcollapse.errors import BadInput
-from modelcollapse.procs import die_with_parent, threads_each
+from modelcollapse.procs import THREADS_ENV, die_with_parent, threads_each
 from modelcollapse.store import now
 
 RAY_MISSING = "--backend ray needs Ray: pip install modelcollapse[ray]"
@@ -147,7 +147,7 @@ Done = Callable[[Job, dict], None]  # called in the sweep's own thread as each c
 
 
 def run_local(jobs: list[Job], workers: int, done: Done) -> None:
-    """At most `workers` children at once, each with cpu_count // workers threads unless the user chose. On
+    """At most `workers` children at once, each with the user's thread count or DEFAULT_THREADS (procs.py). On
     KeyboardInterrupt: no cell starts any more, the running ones are stopped and reported, and it goes on up."""
     threads = threads_each(workers)
     running = Running()
@@ -228,10 +228,11 @@ class RayCluster:
 
     def run(self, jobs: list[Job], done: Done) -> None:
         """Each cell a task reserving its config's cpus and gpus; the child gets that many threads unless the
-        user set OMP_NUM_THREADS. Ray sets CUDA_VISIBLE_DEVICES for the task, and the child inherits it."""
+        user chose a number (--threads, $MODELCOLLAPSE_THREADS, OMP_NUM_THREADS). Ray sets CUDA_VISIBLE_DEVICES
+        for the task, and the child inherits it."""
         ray = self.ray
         task = ray.remote(run_cell)
-        user_threads = os.environ.get("OMP_NUM_THREADS")
+        user_threads = os.environ.get(THREADS_ENV)  # set_threads exports the user's choice, and only theirs, here
         logs = {job.name: _size(job.log) for job in jobs}  # each attempt of a cell opens its log with a line
         pending = {task.options(num_cpus=job.cpus, num_gpus=job.gpus, max_retries=0)
                    .remote(job, user_threads or str(job.cpus)): job for job in jobs}
