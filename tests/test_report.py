@@ -50,7 +50,7 @@ def test_a_section_opens_with_its_claim_the_paper_its_metrics_and_a_config_that_
     for text in (page, summary):
         assert "Claim." in text and spec.claim.split(":")[0] in text
         assert "Fig. 7" in text  # the paper's analogue
-        assert "test_error: E‖ŵ − w*‖²" in text and "(units of y)²; lower is better" in text
+        assert "test_error: E‖ŵ − w*‖²" in text and "[unit (units of y)²; lower is better]" in text
         assert "20 seeds, 6 iterations, status done" in text and "smoke test" not in text
         assert "mean ± 95% CI over 20 seeds" in text
     assert "href='configs/lin.toml'" in page and "[config](configs/lin.toml)" in summary
@@ -64,7 +64,7 @@ def test_one_seed_has_no_interval_and_too_few_iterations_is_a_smoke_test(tmp_pat
     for text in ((out / "index.html").read_text(), (out / "summary.md").read_text()):
         assert "one seed: no interval" in text and "over 1 seed" not in text and "(n=1)" not in text
         assert "A smoke test: 3 iterations, too few to show the claim (the vae family needs at least 4)" in text
-        assert "test_nelbo: negative ELBO on real held-out images" in text and "nats/image; lower is better" in text
+        assert "test_nelbo: negative ELBO on real held-out images" in text and "[unit nats/image; lower is better]" in text
     assert report.seeds_phrase(3, 3) == "mean ± 95% CI over 3 seeds"
 
 
@@ -110,7 +110,7 @@ def test_class_frequencies_share_one_panel(tmp_path):
     out = report.write_report([tmp_path / "vae-cpu"], tmp_path / "rep")
     assert (out / "vae-cpu-metrics.png").exists()
     page = (out / "index.html").read_text()
-    assert page.count("class_freq_*: share of sampled images the judge labels as each class") == 1
+    assert page.count("class_freq_*: share of sampled images the judge labels as each class. [no unit;") == 1
 
 
 def test_runs_of_one_name_are_told_apart_and_files_are_named_after_runs(tmp_path):

@@ -221,8 +221,8 @@ def describe(family: str, metric: str) -> str:
     i = info(family, metric)
     if i is None:
         return f"{metric}: (the {table_name(family)} family declares no definition)"
-    unit = f"{i.unit}; " if i.unit else "no unit; "
-    return f"{metric}: {i.definition} ({unit}{i.direction})"
+    unit = f"unit {i.unit}" if i.unit else "no unit"
+    return f"{metric}: {i.definition}. [{unit}; {i.direction}]"
 
 
 def seed_counts(tables: list[dict]) -> tuple[int, int]:
