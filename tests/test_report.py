@@ -146,3 +146,17 @@ def test_every_builtin_family_defines_its_primary_metric_and_states_a_claim(fami
     assert spec.claim != DEFAULT_CLAIM and spec.min_iterations >= 2
     primary = spec.metric_info(spec.primary_metric)
     assert primary is not None and primary.better and primary.definition
+
+
+def test_a_sweep_and_a_run_of_one_family_and_name_keep_their_figures_apart(tmp_path):
+    from modelcollapse.sweep import run_sweep
+
+    sweep = tmp_path / "s.toml"
+    sweep.write_text('[base]\nname = "linreg"\nfamily = "linreg"\npolicies = ["replace"]\niterations = 2\nseeds = 2\n'
+                     '[base.linreg]\nd = 2\n[grid]\n"linreg.T" = [6, 9]\n')
+    run_sweep(sweep, tmp_path / "sweep")
+    linreg_run(tmp_path / "run", name="linreg", seeds=2, iterations=2)
+    out = report.write_report([tmp_path / "sweep", tmp_path / "run"], tmp_path / "rep")
+    assert {"linreg-test_error.png", "linreg-2-test_error.png", "linreg-metrics.png"} <= {p.name for p in out.iterdir()}
+    page = (out / "index.html").read_text()
+    assert "linreg: a linreg sweep over T" in page and "linreg [T=6]" in page and "<h2>linreg: linreg</h2>" in page

@@ -271,31 +271,33 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "run"
 
 
-def name_runs(runs: list[Run]) -> None:
+def name_runs(runs: list[Run]) -> dict[str, str]:
     """Give each run a display `label` and a file-name `slug` that no other run of the report shares: its
-    config name; a sweep's cells their sweep's name and overrides; runs of one name their folder's name too."""
-    sweep_slugs: dict = {}
-    taken: set = set()
+    config name; a sweep's cells their sweep's name and overrides; runs of one name their folder's name too.
+    Sweeps (`sweep.slug`) and family sections (returned, by family) prefix figures `<prefix>-<metric>.png`:
+    their prefixes are unique among themselves."""
+    runs_taken: set = set()
+    figures_taken: set = set()
 
-    def unique(base: str) -> str:
+    def unique(base: str, taken: set) -> str:
         out, k = base, 2
         while out in taken:
             out, k = f"{base}-{k}", k + 1
         taken.add(out)
         return out
 
+    for sweep in dict.fromkeys(r.sweep for r in runs if r.sweep is not None):
+        sweep.slug = unique(slug(sweep.name), figures_taken)
     names = [r.name for r in runs if r.sweep is None]
     for r in runs:
         if r.sweep is not None:
-            if r.sweep not in sweep_slugs:
-                sweep_slugs[r.sweep] = unique(slug(r.sweep.name))
             r.label = f"{r.sweep.name} [{r.sweep.title(r)}]"
-            r.slug = unique(f"{sweep_slugs[r.sweep]}-{slug(r.path.name)}")
+            r.slug = unique(f"{r.sweep.slug}-{slug(r.path.name)}", runs_taken)
         else:
             r.label = r.name if names.count(r.name) == 1 else f"{r.name} ({r.path.name})"
-            r.slug = unique(slug(r.label))
-    for sweep, s in sweep_slugs.items():
-        sweep.slug = s
+            r.slug = unique(slug(r.label), runs_taken)
+    families = {r.family: r.family_name for r in runs if r.sweep is None}
+    return {f: unique(slug(name), figures_taken) for f, name in families.items()}
 
 
 def write_config(run: Run, out: Path) -> str:
@@ -721,7 +723,7 @@ def sweep_section(sweep: SweepDir, doc: Doc, out: Path) -> None:
     add_samples(sweep.runs, doc, out)
 
 
-def family_section(family: str, fruns: list[Run], doc: Doc, out: Path) -> None:
+def family_section(family: str, fruns: list[Run], doc: Doc, out: Path, figures: str) -> None:
     """Runs of one family outside any sweep: its words, the primary metric a panel per run with a table per
     run, then each run's other metrics."""
     primary = primary_metric(family)
@@ -733,7 +735,7 @@ def family_section(family: str, fruns: list[Run], doc: Doc, out: Path) -> None:
     others = metrics[1:] if metrics and metrics[0] == primary else metrics
     if primary in metrics:
         shown = [r for r in fruns if primary in r.metrics()]
-        png = f"{slug(name)}-{slug(primary)}.png"
+        png = f"{figures}-{slug(primary)}.png"
         plot_metric(shown, primary, out / png)
         lo, hi = seed_counts([r.table(primary) for r in shown])
         doc.heading(3, primary)
@@ -770,7 +772,7 @@ def write_report(dirs: list[Path], out: Path) -> Path:
     if not any(r.n_rows for r in runs):
         raise BadInput("report: the run directories hold no metrics yet")
     paths.make_dir(out)
-    name_runs(runs)
+    family_slugs = name_runs(runs)
     doc = Doc()
     doc.heading(1, "modelcollapse report")
     doc.para(f"{len(runs)} run(s): {', '.join(str(r.path) for r in runs)}. Every section opens with the claim it "
@@ -782,7 +784,7 @@ def write_report(dirs: list[Path], out: Path) -> Path:
         if r.sweep is None:
             by_family[r.family].append(r)
     for family, fruns in by_family.items():
-        family_section(family, fruns, doc, out)
+        family_section(family, fruns, doc, out, family_slugs[family])
     (out / "summary.md").write_text("\n".join(doc.md) + "\n", errors="backslashreplace")  # paths need not be UTF-8
     (out / "index.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>modelcollapse report</title><style>{STYLE}</style>"
