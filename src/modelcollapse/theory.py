@@ -126,7 +126,7 @@ def wishart_chain(policy, d: int, n: int, iterations: int, ddof: int = 0) -> dic
 # states) or the pair (real count, training count) (mix).
 
 CHAIN_BUDGET = 1.5e9  # the cost `chain_cost` estimates, a few seconds; larger settings get no chain curves
-CATEGORICAL_METRICS = ("entropy", "gini_simpson", "lost", "tail_mass", "tv", "kl")
+CATEGORICAL_METRICS = ("entropy", "gini_simpson", "lost", "tail_mass", "tv", "kl", "reward")
 
 
 def _binom_rows(N: int, q: np.ndarray) -> np.ndarray:
@@ -234,14 +234,17 @@ def _training_counts(policy, p: np.ndarray, n: int, alpha: float, K: int, iterat
 
 
 def categorical_chain(policy, p0: np.ndarray, tail: np.ndarray, n: int, alpha: float, iterations: int,
-                      budget: float = CHAIN_BUDGET) -> dict[str, np.ndarray] | None:
+                      budget: float = CHAIN_BUDGET, reward: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
     """The exact expectation per iteration of each of CATEGORICAL_METRICS, for the truth `p0` (K,), `tail`
-    (K,) marking the outcomes of its last 10% of mass, n draws per generation and additive smoothing α.
-    None for a policy without a chain, or one whose chain would cost more than `budget` multiply-adds."""
+    (K,) marking the outcomes of its last 10% of mass, `reward` (K,) each outcome's reward (default 0), n
+    draws per generation and additive smoothing α. None for a policy without a chain, or one whose chain
+    would cost more than `budget` multiply-adds."""
     p0 = np.asarray(p0, dtype=float)
     K = len(p0)
-    keys, weight = np.unique(np.stack([p0, np.asarray(tail, dtype=float)], axis=1), axis=0, return_counts=True)
+    reward = np.zeros(K) if reward is None else np.asarray(reward, dtype=float)
+    keys, group, weight = np.unique(np.stack([p0, np.asarray(tail, dtype=float)], axis=1), axis=0, return_inverse=True, return_counts=True)
     p, in_tail = keys[:, 0], keys[:, 1]  # outcomes alike in probability and tail share one chain
+    r = np.bincount(group.ravel(), weights=reward, minlength=len(p)) / weight  # a group's mean reward: E p̂ is alike within it
     cost = chain_cost(policy, n, len(p), iterations)
     if cost is None or cost > budget:
         return None
@@ -257,6 +260,7 @@ def categorical_chain(policy, p0: np.ndarray, tail: np.ndarray, n: int, alpha: f
         out["tail_mass"][t] = weight @ (in_tail * Eq)
         out["tv"][t] = 0.5 * weight @ np.einsum("gc,gc->g", D, np.abs(q[None, :] - p[:, None]))
         out["kl"][t] = weight @ (D @ qlogq) - weight @ (Eq * np.log(p))
+        out["reward"][t] = weight @ (r * Eq)
     return out
 
 

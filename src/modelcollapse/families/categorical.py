@@ -14,6 +14,15 @@ The family is batched and a dataset is its count vector (draws are exchangeable,
 counts): a sample of n draws is n uniforms per seed mapped through the fit's cumulative counts, a subsample
 of m draws without replacement is m distinct positions of the dataset (`seeding.choose`) mapped the same way,
 so every dataset is a pure function of its streams.
+
+Selection and weighting (issue 13): a synthetic set's draws exist one by one too (`Counts.outcomes`
+recomputes each draw's outcome from the model and stream that drew it), so a selection stage scores them:
+`reward`, the reward r of the draw's outcome (`reward = "head"`, the default: r_i = 1 − i/(K − 1), favouring
+the first, most probable outcomes; `"tail"`: r_i = i/(K − 1); or K numbers), and `verifier`, a noisy reward
+r + N(0, verifier_noise²) per outcome, drawn once per seed. The metric `reward` is the fit's expected reward
+Σ p̂_i r_i. A dataset keeps its real counts apart (within an outcome, a subsample's first positions are its
+real draws), so `real_weight` w fits the weighted counts p̂ = w·c_real/n_real + (1 − w)·c_syn/n_syn (smoothed
+as the plain counts are), and the sampler draws from those probabilities by their cumulative sums.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.special import xlogy
 
 from modelcollapse import theory as closed_forms
-from modelcollapse.seeding import choose, stream_keys, uniform
+from modelcollapse.seeding import choose, normal, stream_keys, uniform
 from modelcollapse.store import atomic_save_npz
 
 PRIMARY_METRIC = "gini_simpson"  # the Wright–Fisher heterozygosity: exact under every policy
@@ -42,8 +51,13 @@ METRICS = {
     "tail_mass": ("the fit's mass on the outcomes that make up the truth's last 10% of mass", "", "0.1 (the truth's)"),
     "tv": ("½Σ|p̂ − p|, the total-variation distance from the truth", "", "lower"),
     "kl": ("KL(p̂ ‖ p) from the fit to the truth", "nats", "lower"),
+    "reward": ("Σ p̂_i r_i, the fit's expected reward (`reward`: head, tail or K numbers)", "", "what a curation by the reward raises"),
 }
 MIN_ITERATIONS = 10  # diversity decays by about 1/n per iteration: tens of iterations for n = 50
+SCORES = {
+    "reward": "the reward r of the draw's outcome (`reward`: head, tail or K numbers)",
+    "verifier": "a noisy reward: r + N(0, verifier_noise²) per outcome, drawn once per seed",
+}
 CHUNK = 1 << 15  # draws (or positions) handled at once: a chunk of seeds stays in the CPU cache, 2× faster than all at once
 TAIL = 0.1  # tail_mass watches the outcomes that make up the truth's last 10% of mass
 
@@ -55,6 +69,9 @@ class Config(BaseModel):
     zipf: float = Field(1.0, ge=0.0, le=100.0, description="Zipf exponent s of the truth, p_i ∝ i^(−s); 0 is uniform")
     probs: list[float] | None = Field(None, description="the true probabilities instead (K positive numbers summing to 1)")
     smoothing: float = Field(0.0, ge=0.0, description="additive smoothing α of the fit: (c + α)/(N + Kα)")
+    reward: Literal["head", "tail"] | list[float] = Field("head", description="the reward r of each outcome: "
+                                                          "\"head\" r_i = 1 − i/(K − 1), \"tail\" r_i = i/(K − 1), or K numbers")
+    verifier_noise: float = Field(0.0, ge=0.0, description="the `verifier` score: r + N(0, s²) per outcome, drawn once per seed, s this")
     method: Literal["fast", "loop"] = Field("fast", description="every seed of a policy at once, or one seed at a time with a folder per generation")
 
     @model_validator(mode="after")
@@ -67,7 +84,17 @@ class Config(BaseModel):
                 raise ValueError("probs must be at least 2 positive numbers summing to 1 (an outcome of probability 0 is no outcome)")
             if "zipf" in self.model_fields_set:
                 raise ValueError("give zipf or probs, not both")
+        if isinstance(self.reward, list) and (len(self.reward) != self.K or not np.all(np.isfinite(self.reward))):
+            raise ValueError(f"reward must be \"head\", \"tail\" or K = {self.K} finite numbers (got {len(self.reward)} numbers)")
         return self
+
+    @property
+    def rewards(self) -> np.ndarray:
+        """The reward r of each outcome (K,)."""
+        if isinstance(self.reward, list):
+            return np.asarray(self.reward, dtype=float)
+        head = 1 - np.arange(self.K) / (self.K - 1)
+        return head if self.reward == "head" else 1 - head
 
     @property
     def truth(self) -> np.ndarray:
@@ -95,10 +122,24 @@ def tail_of(p: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Counts:
-    """A dataset of every seed: how many of its `n` draws fell on each outcome, (S, K)."""
+    """A dataset of every seed: how many of its `n` draws fell on each outcome, (S, K); how many of those are
+    real draws (None: none); and, for a set a model drew, that model and stream, from which each draw's
+    outcome is recomputed (`outcomes`)."""
 
     counts: np.ndarray
     n: int
+    real: np.ndarray | None = None
+    seeds: np.ndarray | None = None  # (S,) the base seeds (a verifier is drawn once per seed)
+    drawn_by: tuple | None = None  # (Fitted, keys): a sample's model and stream
+
+    def outcomes(self) -> np.ndarray:
+        """Each draw's outcome, in draw order: (S, n). Only a set a model drew has them."""
+        model, keys = self.drawn_by
+        out = np.empty((len(keys), self.n), dtype=np.int64)
+        step = max(1, CHUNK // max(self.n, 1))
+        for lo in range(0, len(keys), step):
+            out[lo : lo + step] = model.draw(uniform(keys[lo : lo + step, None], np.arange(self.n, dtype=np.uint64)), slice(lo, lo + step))
+        return out
 
 
 @dataclass
@@ -106,12 +147,45 @@ class Fitted:
     counts_: np.ndarray  # (S, K): the training counts
     n_: int  # N, the training draws
     alpha: float
+    real_: np.ndarray | None = None  # (S, K): the real draws among them, for a weighted fit
+    weight: float | None = None  # real_weight: the real draws' share of the fit
 
     @property
     def p_(self) -> np.ndarray:
-        """The fitted probabilities (S, K)."""
+        """The fitted probabilities (S, K): the (weighted) counts, smoothed."""
         K = self.counts_.shape[1]
-        return (self.counts_ + self.alpha) / (self.n_ + K * self.alpha)
+        return (self.weighted() + self.alpha) / (self.n_ + K * self.alpha)
+
+    def weighted(self) -> np.ndarray:
+        """The counts, or with a weight w, N·(w·c_real/n_real + (1 − w)·c_syn/n_syn) where a seed has both."""
+        if self.weight is None:
+            return self.counts_
+        real = self.real_.astype(float)
+        n_real = real.sum(1, keepdims=True)
+        n_syn = self.n_ - n_real
+        both = (n_real > 0) & (n_syn > 0)
+        w = self.weight
+        mixed = self.n_ * (w * real / np.maximum(n_real, 1) + (1 - w) * (self.counts_ - real) / np.maximum(n_syn, 1))
+        return np.where(both, mixed, self.counts_)
+
+    def draw(self, u: np.ndarray, seeds=slice(None)) -> np.ndarray:
+        """The outcomes (s, m) of uniforms u (s, m) in (0, 1] for the seeds `seeds` of this fit, as `sample`
+        maps them: through the training draws' positions (unweighted) or the cumulative probabilities. One
+        search over every seed at once, each seed's table shifted past the last one's."""
+        c = self.counts_[seeds]
+        s, K = c.shape
+        rows = np.arange(s)[:, None]
+        if self.weight is not None:  # the first outcome whose cumulative probability reaches u
+            cdf = np.cumsum(self.p_[seeds], axis=1)
+            cdf[:, -1] = 1.0
+            return np.searchsorted((cdf + 2 * rows).ravel(), u + 2 * rows) - K * rows
+        N, alpha = self.n_, self.alpha
+        v = u * (N + K * alpha)
+        at = np.minimum(v.astype(np.int64), N - 1)  # a training draw's position (v = N itself: the last one)
+        inside = np.searchsorted((np.cumsum(c, axis=1) + (N + 1) * rows).ravel(), at + (N + 1) * rows, side="right") - K * rows
+        if alpha == 0:
+            return inside
+        return np.where(v < N, inside, np.minimum(((v - N) / alpha).astype(np.int64), K - 1))
 
 
 def compact(counts: np.ndarray, n: int) -> np.ndarray:
@@ -123,12 +197,14 @@ def _tally(S: int, K: int, category: np.ndarray, rows: np.ndarray) -> np.ndarray
     return np.bincount((rows * K + category).ravel(), minlength=S * K).reshape(S, K)
 
 
-def tally_positions(counts: np.ndarray, positions: np.ndarray, N: int) -> np.ndarray:
+def tally_positions(counts: np.ndarray, positions: np.ndarray, N: int, real: np.ndarray | None = None):
     """How many of each seed's `positions` (S, m) in 0..N−1 fall on each outcome, its N draws laid out outcome
     by outcome (the first c_0 positions are outcome 0's, and so on): counts (S, K). Integers only: the hits
-    per position, their running sum, read at each outcome's end. In chunks of seeds."""
+    per position, their running sum, read at each outcome's end. In chunks of seeds. Given `real` (S, K), the
+    real draws among `counts` (the first real_k positions of each outcome's), also how many of those fall."""
     S, K = counts.shape
     out = np.empty((S, K), dtype=np.int64)
+    real_out = None if real is None else np.empty((S, K), dtype=np.int64)
     step = max(1, CHUNK // (N + 1))
     for lo in range(0, S, step):
         c, pos = counts[lo : lo + step], positions[lo : lo + step]
@@ -136,13 +212,18 @@ def tally_positions(counts: np.ndarray, positions: np.ndarray, N: int) -> np.nda
         hits = np.bincount((pos + np.arange(s)[:, None] * N).ravel(), minlength=s * N).reshape(s, N)
         before = np.zeros((s, N + 1), dtype=np.int64)  # before[:, j]: hits at positions < j
         np.cumsum(hits, axis=1, out=before[:, 1:])
-        at_ends = np.take_along_axis(before, np.cumsum(c, axis=1, dtype=np.int64), axis=1)
+        ends = np.cumsum(c, axis=1, dtype=np.int64)
+        at_ends = np.take_along_axis(before, ends, axis=1)
         out[lo : lo + step] = np.diff(at_ends, axis=1, prepend=0)
-    return out
+        if real is not None:
+            starts = ends - c
+            real_out[lo : lo + step] = np.take_along_axis(before, starts + real[lo : lo + step], axis=1) - np.take_along_axis(before, starts, axis=1)
+    return out if real is None else (out, real_out)
 
 
 class Family:
     batched = True
+    weights_real = True
 
     def __init__(self, config: Config, *, device: str = "cpu", cache_dir: Path | None = None):
         self.config = config
@@ -151,6 +232,7 @@ class Family:
         self.cdf = np.cumsum(self.p)
         self.cdf[-1] = 1.0  # uniforms reach 1: the last outcome takes whatever rounding left
         self.tail = tail_of(self.p)
+        self.rewards = config.rewards
         self._pool: tuple[list, Counts] | None = None  # the last concatenation, extended when the pool grows
 
     def real_data(self, split: str, seed, draw: int = 0) -> Counts | np.ndarray:
@@ -166,28 +248,54 @@ class Family:
             u = uniform(keys[lo : lo + step, None], np.arange(n, dtype=np.uint64))
             category = np.searchsorted(self.cdf, u)  # the first outcome whose cumulative probability reaches u
             counts[lo : lo + step] = _tally(len(u), K, category, np.arange(len(u))[:, None])
-        return Counts(compact(counts, n), n)
+        counts = compact(counts, n)
+        return Counts(counts, n, real=counts, seeds=seeds)
 
     def size(self, data: Counts) -> int:
         return data.n
 
     def concat(self, datasets: list[Counts]) -> Counts:
-        if self._pool is not None:  # the pool only grows: add what is new to the last sum
-            done, total = self._pool
-            if len(done) < len(datasets) and all(a is b for a, b in zip(done, datasets)):
-                datasets_new = datasets[len(done) :]
-                total = Counts(total.counts + sum(d.counts.astype(np.int64) for d in datasets_new), total.n + sum(d.n for d in datasets_new))
-                self._pool = (list(datasets), total)
-                return total
-        total = Counts(sum(d.counts.astype(np.int64) for d in datasets), sum(d.n for d in datasets))
+        done, total = self._pool or ([], None)
+        if not (total is not None and len(done) < len(datasets) and all(a is b for a, b in zip(done, datasets))):
+            done, total = [], Counts(0, 0)  # the pool only grows: else add what is new to the last sum
+        for d in datasets[len(done) :]:
+            real = total.real if d.real is None else d.real.astype(np.int64) + (0 if total.real is None else total.real)
+            total = Counts(total.counts + d.counts.astype(np.int64), total.n + d.n, real, d.seeds if d.seeds is not None else total.seeds)
         self._pool = (list(datasets), total)
         return total
 
     def subsample(self, data: Counts, size: int, seed) -> Counts:
-        return Counts(compact(tally_positions(data.counts, choose(seed, data.n, size), data.n), size), size)
+        positions = choose(seed, data.n, size)
+        if data.real is None:
+            return Counts(compact(tally_positions(data.counts, positions, data.n), size), size, seeds=data.seeds)
+        counts, real = tally_positions(data.counts, positions, data.n, data.real.astype(np.int64))
+        return Counts(compact(counts, size), size, compact(real, size), data.seeds)
 
-    def fit(self, train: Counts, seed, workdir: Path | None) -> Fitted:
-        return Fitted(train.counts.astype(np.int64), train.n, self.config.smoothing)
+    def take(self, data: Counts, indices: np.ndarray) -> Counts:
+        """The draws at `indices` (S, m) of a set a model drew (what a selection keeps)."""
+        picked = np.take_along_axis(data.outcomes(), np.asarray(indices, dtype=np.int64), axis=1)
+        S, m = picked.shape
+        return Counts(compact(_tally(S, data.counts.shape[1], picked, np.arange(S)[:, None]), m), m, seeds=data.seeds)
+
+    def score(self, data: Counts, name: str, model: Fitted, reference: Fitted | None, seed) -> np.ndarray:
+        """The reward of each draw's outcome (S, n), or the seed's noisy verifier reward (SCORES)."""
+        outcomes = data.outcomes()
+        if name == "reward":
+            return self.rewards[outcomes]
+        return np.take_along_axis(self.verifier(data.seeds), outcomes, axis=1)
+
+    def verifier(self, seeds) -> np.ndarray:
+        """Each seed's verifier reward r + N(0, verifier_noise²) per outcome, drawn once: (S, K)."""
+        seeds = np.atleast_1d(np.asarray(seeds, dtype=np.int64))
+        K = self.config.K
+        return self.rewards + self.config.verifier_noise * normal(stream_keys(seeds, "categorical", "verifier"), K)
+
+    def fit(self, train: Counts, seed, workdir: Path | None, real_weight: float | None = None) -> Fitted:
+        """The (smoothed) frequencies; with `real_weight` w, of the weighted counts (see Fitted.weighted)."""
+        if real_weight is None:
+            return Fitted(train.counts.astype(np.int64), train.n, self.config.smoothing)
+        real = np.zeros_like(train.counts, dtype=np.int64) if train.real is None else train.real.astype(np.int64)
+        return Fitted(train.counts.astype(np.int64), train.n, self.config.smoothing, real, real_weight)
 
     def evaluate(self, model: Fitted, p: np.ndarray, seed, workdir: Path | None) -> dict[str, np.ndarray]:
         p_hat = model.p_
@@ -199,6 +307,7 @@ class Family:
             "tail_mass": p_hat @ self.tail.astype(float),
             "tv": 0.5 * np.abs(p_hat - p).sum(axis=1),
             "kl": plogp - p_hat @ np.log(p),
+            "reward": p_hat @ self.rewards,
         }
 
     def sample(self, model: Fitted, size: int, like: Counts, seed, workdir: Path | None) -> Counts:
@@ -210,6 +319,10 @@ class Family:
         counts = np.zeros((S, K), dtype=np.int64)
         step = max(1, CHUNK // max(size, 1))
         for lo in range(0, S, step):
+            if model.weight is not None:  # weighted probabilities: by their cumulative sums
+                u = uniform(keys[lo : lo + step, None], np.arange(size, dtype=np.uint64))
+                counts[lo : lo + step] = _tally(len(u), K, model.draw(u, slice(lo, lo + step)), np.arange(len(u))[:, None])
+                continue
             c = model.counts_[lo : lo + step]
             v = uniform(keys[lo : lo + step, None], np.arange(size, dtype=np.uint64)) * (N + K * alpha)
             if alpha == 0:  # v = N itself (a uniform of 1) is the last position
@@ -219,21 +332,37 @@ class Family:
             counts[lo : lo + step] = tally_positions(c, np.where(drawn, v.astype(np.int64), N), N + 1)  # N: a slot past every outcome
             rows = np.broadcast_to(np.arange(len(c))[:, None], v.shape)
             counts[lo : lo + step] += _tally(len(c), K, np.minimum(((v[~drawn] - N) / alpha).astype(np.int64), K - 1), rows[~drawn])
-        data = Counts(compact(counts, size), size)
-        if workdir is not None:
-            atomic_save_npz(Path(workdir) / "synthetic.npz", counts=data.counts, n=size)
+        data = Counts(compact(counts, size), size, seeds=like.seeds, drawn_by=(model, keys))
+        if workdir is not None:  # with the model and stream that drew it, so each draw can be recomputed
+            atomic_save_npz(Path(workdir) / "synthetic.npz", counts=data.counts, n=size, keys=keys, seeds=like.seeds,
+                            **{f"model_{k}": v for k, v in model_arrays(model).items()})
         return data
 
     def load_sample(self, workdir: Path) -> Counts:
         with np.load(Path(workdir) / "synthetic.npz") as f:
-            return Counts(f["counts"], int(f["n"]))
+            model = from_arrays({k.removeprefix("model_"): f[k] for k in f.files if k.startswith("model_")})
+            return Counts(f["counts"], int(f["n"]), seeds=f["seeds"], drawn_by=(model, f["keys"]))
 
     def save_model(self, model: Fitted, workdir: Path) -> None:
-        atomic_save_npz(Path(workdir) / "categorical.npz", counts=compact(model.counts_, model.n_), n=model.n_, alpha=model.alpha)
+        atomic_save_npz(Path(workdir) / "categorical.npz", **model_arrays(model))
 
     def load_model(self, workdir: Path) -> Fitted:
         with np.load(Path(workdir) / "categorical.npz") as f:
-            return Fitted(f["counts"].astype(np.int64), int(f["n"]), float(f["alpha"]))
+            return from_arrays(dict(f))
+
+
+def model_arrays(model: Fitted) -> dict:
+    """A fit as arrays for an .npz file (`from_arrays` reads them back)."""
+    out = dict(counts=compact(model.counts_, model.n_), n=model.n_, alpha=model.alpha)
+    if model.weight is not None:
+        out |= dict(real=compact(model.real_, model.n_), weight=model.weight)
+    return out
+
+
+def from_arrays(f: dict) -> Fitted:
+    weighted = "weight" in f
+    return Fitted(f["counts"].astype(np.int64), int(f["n"]), float(f["alpha"]),
+                  f["real"].astype(np.int64) if weighted else None, float(f["weight"]) if weighted else None)
 
 
 def memory_estimate(config: Config, seeds: int, iterations: int, vectorised: bool) -> int:
@@ -255,7 +384,7 @@ def theory(config: Config, policy, iterations: int) -> dict[str, np.ndarray] | N
     key = (config.model_dump_json(), policy.model_dump_json(), iterations)
     if key not in _THEORY:
         p = config.truth
-        chain = closed_forms.categorical_chain(policy, p, tail_of(p), config.n, config.smoothing, iterations) or {}
+        chain = closed_forms.categorical_chain(policy, p, tail_of(p), config.n, config.smoothing, iterations, reward=config.rewards) or {}
         if config.smoothing == 0:
             moments = closed_forms.second_moments(policy, config.n, iterations, ddof=0)
             if moments is not None:
