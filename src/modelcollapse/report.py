@@ -35,6 +35,7 @@ from modelcollapse import paths  # noqa: E402
 from modelcollapse.errors import BadInput  # noqa: E402
 from modelcollapse.families import DEFAULT_CLAIM, DEFAULT_MIN_ITERATIONS, MetricInfo, load_family, metric_info, table_name  # noqa: E402
 from modelcollapse.policies import from_spec  # noqa: E402
+from modelcollapse.selection import SelectSpec  # noqa: E402
 from modelcollapse.store import read_json  # noqa: E402
 from modelcollapse.sweep import read_index  # noqa: E402
 
@@ -194,8 +195,20 @@ def theory_for(run: Run, policy: str, metric: str, iterations: int):
     specs = {label_of(p): p for p in run.config["policies"]}
     if policy not in specs:
         return None
-    curves = spec.theory(spec.Config(**run.config[spec.table]), from_spec(specs[policy]), iterations)
+    curves = spec.theory(spec.Config(**run.config[spec.table]), effective_policy(from_spec(specs[policy]), run.config), iterations)
     return None if curves is None else curves.get(metric)
+
+
+def effective_policy(policy, config: dict):
+    """The policy as it ran: the config's own [select] and real_weight where the policy sets none, and no
+    selection where it is "none" (a family's theory must see both to know whether it has a curve)."""
+    update = {}
+    if policy.select is None and config.get("select") is not None:
+        update["select"] = SelectSpec(**config["select"])
+    if policy.real_weight is None and config.get("real_weight") is not None:
+        update["real_weight"] = config["real_weight"]
+    policy = policy.model_copy(update=update)
+    return policy if policy.select is None or policy.select.active else policy.model_copy(update={"select": None})
 
 
 # -- words ---------------------------------------------------------------------------------------------------

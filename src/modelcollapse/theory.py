@@ -58,8 +58,12 @@ SECOND_MOMENT_POLICIES = ("replace", "replace-grown", "accumulate", "accumulate-
 
 def second_moments(policy, n: int, iterations: int, ddof: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
     """(E tr Σ_t / tr Σ_0, E‖μ_t − μ_0‖² / tr Σ_0) for t = 1..iterations under `policy` (a Policy), real data
-    n i.i.d. points; None for a policy this module has no recursion for."""
-    if policy.name not in SECOND_MOMENT_POLICIES:
+    n i.i.d. points; None for a policy this module has no recursion for. A `real_weight` w on the policy
+    (weighted moments: the real points' share of the fit) has one under mix and fresh, and changes nothing
+    where no training set has both kinds (replace, replace-grown); accumulate(-subsample) has none."""
+    if policy.name not in SECOND_MOMENT_POLICIES or policy.select is not None:
+        return None
+    if policy.real_weight is not None and policy.name in ("accumulate", "accumulate-subsample"):
         return None
     T, M = np.empty(iterations), np.empty(iterations)
     T[0], M[0] = (n - 1) / (n - ddof), 1 / n  # generation 1: the fit on real data
@@ -73,11 +77,16 @@ def second_moments(policy, n: int, iterations: int, ddof: int = 0) -> tuple[np.n
         elif policy.name in ("mix", "fresh"):  # m real points (a subsample of the real data, or fresh) and s synthetic
             m = policy.real_part(n)
             s = n - m
+            # a: the real points' share of the fit, m/n unless weighted (where there are both kinds)
+            a = policy.real_weight if policy.real_weight is not None and m and s else m / n
             shared = C if policy.name == "mix" else 0.0  # the fresh part is independent of the past
-            cross = 0.0 if m == 0 or s == 0 else m * s / n * (1 / m + Mp - 2 * shared + Tp / s)
-            T[t - 1] = (max(m - 1, 0) + max(s - 1, 0) * Tp + cross) / (n - ddof)
-            M[t - 1] = m / n**2 + (s / n) ** 2 * Mp + s / n**2 * Tp + 2 * m * s / n**2 * shared
-            C = m / n**2 + s / n * C
+            real = a * (m - 1) / m if m else 0.0  # E tr SS_r / m, and of the synthetic part likewise
+            synthetic = (1 - a) * (s - 1) / s * Tp if s else 0.0
+            cross = a * (1 - a) * (1 / m + Mp - 2 * shared + Tp / s) if m and s else 0.0  # E‖x̄_r − x̄_s‖²
+            c = 1 - ddof * ((a**2 / m if m else 0.0) + ((1 - a) ** 2 / s if s else 0.0))  # the unbiased estimator's
+            T[t - 1] = (real + synthetic + cross) / c
+            M[t - 1] = (a**2 / m if m else 0.0) + (1 - a) ** 2 * (Mp + (Tp / s if s else 0.0)) + 2 * a * (1 - a) * shared
+            C = a / n + (1 - a) * C
         else:  # the pool of (t − 1)·n points grows by n points from the last fit
             N0, N = (t - 1) * n, t * n
             Q = Q + (n - 1) * Tp + N0 * n / N * (Tp / n + Mp - D)
@@ -295,3 +304,114 @@ def family_curves(family: str, policy: dict, options: dict, iterations: int):
     if not curves:
         raise BadInput(f"theory {family}: no exact curve for policy {policy.label!r} at these settings (docs/theory.md says where there are)")
     return config, policy, curves
+
+
+# -- curation: a categorical refit to draws each chosen among k candidates by a reward (Ferbach et al. 2024) --
+#
+# Each kept draw is one of k i.i.d. candidates from the fit p̂, candidate c chosen with probability
+# exp(r_c/τ) / Σ exp(r/τ) (the k-choice selector, Gumbel-max). Outcome i is kept with probability
+#     q_i(p̂) = k p̂_i v_i E[1 / (v_i + V_2 + … + V_k)] = k p̂_i v_i ∫₀^∞ e^{−v_i t} (Σ_j p̂_j e^{−v_j t})^{k−1} dt,
+# v = e^{r/τ}, V_c the v of candidate c (1/x = ∫₀^∞ e^{−xt} dt); as k → ∞, q → p̂ v / (p̂·v). A kept set of s
+# draws is Multinomial(s, q(p̂)): E[p̂_{t+1} | p̂_t] = q(p̂_t), a nonlinear map, so the expected curve is not q
+# iterated from p (that is the mean-field approximation, `curation_mean_field`). It is exact over the
+# distribution of the whole count vector, a Markov chain on the C(n + K − 1, K − 1) count vectors
+# (`curation_chain`), for small K and n.
+
+CURATION_BUDGET = 3e8  # multiply-adds of the count-vector chain (a few seconds)
+
+
+def choice_probs(p: np.ndarray, reward: np.ndarray, k: int, temperature: float = 1.0) -> np.ndarray:
+    """q(p): the probability that a k-choice selector keeps each outcome, for each row of p (..., K)."""
+    from scipy.integrate import quad_vec
+
+    p = np.asarray(p, dtype=float)
+    P = p.reshape(-1, p.shape[-1])
+    v = np.exp((np.asarray(reward, dtype=float) - np.max(reward)) / temperature)  # (K,), largest 1
+
+    def integrand(t):
+        e = np.exp(-v * t)
+        return e[None, :] * ((P @ e) ** (k - 1))[:, None]
+
+    total, _ = quad_vec(integrand, 0, np.inf, epsabs=1e-14, epsrel=1e-12)
+    q = k * P * v * total
+    return (q / q.sum(axis=1, keepdims=True)).reshape(p.shape)  # the sum is 1 up to quadrature error, ~1e-12
+
+
+def curation_mean_field(p0: np.ndarray, reward: np.ndarray, k: int, temperature: float, iterations: int) -> np.ndarray:
+    """p_t for t = 1..iterations with p_1 = p0 and p_{t+1} = q(p_t): the curve without sampling noise (an
+    APPROXIMATION of the expected fit, whose map is nonlinear; exact as n → ∞). (iterations, K)."""
+    out = [np.asarray(p0, dtype=float)]
+    for _ in range(iterations - 1):
+        out.append(choice_probs(out[-1], reward, k, temperature))
+    return np.array(out)
+
+
+def count_vectors(n: int, K: int) -> np.ndarray:
+    """Every vector of K non-negative counts summing to n (stars and bars): (C(n + K − 1, K − 1), K)."""
+    import itertools
+
+    bars = np.array(list(itertools.combinations(range(n + K - 1), K - 1)), dtype=np.int64).reshape(-1, K - 1)
+    edges = np.concatenate([np.full((len(bars), 1), -1), bars, np.full((len(bars), 1), n + K - 1)], axis=1)
+    return np.diff(edges, axis=1) - 1
+
+
+def multinomial_rows(s: int, q: np.ndarray, states: np.ndarray) -> np.ndarray:
+    """P(counts = states[j]) under Multinomial(s, q[i]) for each row q[i]: (len(q), len(states))."""
+    from scipy.special import gammaln
+
+    logq = np.where(q > 0, np.log(np.where(q > 0, q, 1.0)), -1e4)  # a count on an impossible outcome: probability 0
+    log = gammaln(s + 1) - gammaln(states + 1).sum(1)[None, :] + logq @ states.T
+    return np.exp(log)
+
+
+def curation_cost(policy, n: int, K: int) -> float | None:
+    from math import comb
+
+    M = comb(n + K - 1, K - 1)
+    if policy.name == "replace":
+        return M * M * K
+    if policy.name == "fresh":
+        m = policy.real_part(n)
+        return M * comb(n - m + K - 1, K - 1) * (comb(m + K - 1, K - 1) + K)
+    return None
+
+
+def curation_chain(policy, p0: np.ndarray, tail: np.ndarray, reward: np.ndarray, n: int, alpha: float, k: int,
+                   temperature: float, iterations: int, budget: float = CURATION_BUDGET) -> dict[str, np.ndarray] | None:
+    """The exact expectation per iteration of each of CATEGORICAL_METRICS when every synthetic set is kept by
+    a k-choice selector on the reward: the distribution of the training count vector, propagated. For
+    replace and fresh (the real part a fresh Multinomial(m, p0)); None for other policies or above `budget`."""
+    p0, reward, tail = np.asarray(p0, dtype=float), np.asarray(reward, dtype=float), np.asarray(tail, dtype=bool)
+    K = len(p0)
+    cost = curation_cost(policy, n, K)
+    if cost is None or cost > budget:
+        return None
+    states = count_vectors(n, K)
+    index = {tuple(c): i for i, c in enumerate(states)}
+    fits = (states + alpha) / (n + K * alpha)  # p̂ of each state
+    q = choice_probs(fits, reward, k, temperature)
+    if policy.name == "replace":
+        step = multinomial_rows(n, q, states)
+    else:  # s kept draws plus m fresh real draws, added count vector by count vector
+        m = policy.real_part(n)
+        small, real = count_vectors(n - m, K), count_vectors(m, K)
+        kept = multinomial_rows(n - m, q, small)  # (M, M_s)
+        fresh = multinomial_rows(m, p0[None, :], real)[0]  # (M_m,)
+        step = np.zeros((len(states), len(states)))
+        for a, pa in zip(real, fresh):
+            target = np.array([index[tuple(b + a)] for b in small])
+            step[:, target] += pa * kept
+    D = multinomial_rows(n, p0[None, :], states)[0]  # generation 1: the real counts
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(fits > 0, fits * np.log(np.where(fits > 0, fits, 1.0)), 0.0).sum(1)
+    per_state = {
+        "entropy": -plogp, "gini_simpson": 1 - (fits**2).sum(1), "lost": (fits == 0).sum(1).astype(float),
+        "tail_mass": fits @ tail.astype(float), "tv": 0.5 * np.abs(fits - p0).sum(1), "kl": plogp - fits @ np.log(p0),
+        "reward": fits @ reward,
+    }
+    out = {key: np.empty(iterations) for key in CATEGORICAL_METRICS}
+    for t in range(iterations):
+        for key, values in per_state.items():
+            out[key][t] = D @ values
+        D = D @ step
+    return out

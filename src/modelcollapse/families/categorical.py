@@ -380,16 +380,33 @@ THEORY_CACHE = 64  # (config, policy, iterations) results kept
 def theory(config: Config, policy, iterations: int) -> dict[str, np.ndarray] | None:
     """Exact expectations: gini_simpson in closed form under every built-in policy when α = 0 (second moments
     of one-hot vectors); every metric by propagating one outcome's count where that costs at most
-    theory.CHAIN_BUDGET (see docs/theory.md). Cached: the report asks once per metric."""
+    theory.CHAIN_BUDGET; with a k-choice selection on the reward (or a noiseless verifier) under replace or
+    fresh, every metric by propagating the whole count vector, where that costs at most
+    theory.CURATION_BUDGET (see docs/theory.md). None with any other selection or a real weight. Cached:
+    the report asks once per metric."""
     key = (config.model_dump_json(), policy.model_dump_json(), iterations)
     if key not in _THEORY:
         p = config.truth
-        chain = closed_forms.categorical_chain(policy, p, tail_of(p), config.n, config.smoothing, iterations, reward=config.rewards) or {}
-        if config.smoothing == 0:
-            moments = closed_forms.second_moments(policy, config.n, iterations, ddof=0)
-            if moments is not None:
-                chain["gini_simpson"] = (1 - np.sum(p**2)) * moments[0]
+        if policy.select is not None or policy.real_weight is not None:
+            chain = curated(config, policy, iterations)
+        else:
+            chain = closed_forms.categorical_chain(policy, p, tail_of(p), config.n, config.smoothing, iterations, reward=config.rewards) or {}
+            if config.smoothing == 0:
+                moments = closed_forms.second_moments(policy, config.n, iterations, ddof=0)
+                if moments is not None:
+                    chain["gini_simpson"] = (1 - np.sum(p**2)) * moments[0]
         if len(_THEORY) >= THEORY_CACHE:
             _THEORY.pop(next(iter(_THEORY)))
         _THEORY[key] = chain or None
     return _THEORY[key]
+
+
+def curated(config: Config, policy, iterations: int) -> dict[str, np.ndarray] | None:
+    """The count-vector chain of a k-choice selection on the reward, where there is one."""
+    spec = policy.select
+    exact_score = spec is not None and (spec.score == "reward" or config.verifier_noise == 0)
+    if policy.real_weight is not None or spec.name != "k-choice" or not exact_score:
+        return None
+    p = config.truth
+    return closed_forms.curation_chain(policy, p, tail_of(p), config.rewards, config.n, config.smoothing,
+                                       spec.candidates_per_example, spec.temperature or 1.0, iterations)

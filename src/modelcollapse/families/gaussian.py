@@ -16,6 +16,15 @@ the all-ones vector and independent of (x̄, W) (their density depends on the po
 U = G_c R⁻¹ with G_c a centred Gaussian matrix from a stream of its own and RᵀR = G_cᵀG_c, so point i is
 x̄ + L_W R⁻ᵀ(g_i − ḡ): recomputable alone once ḡ and R are known (one pass over that block's draws, kept).
 A set of s ≤ d points is drawn point by point instead.
+
+Selection and weighting (issue 13): scores `likelihood`, log N(x; μ₀, Σ₀) of each synthetic point under the
+truth, and `verifier`, its log-density under a shifted copy of the truth, N(μ₀ + b + s/√d·z, Σ₀) with
+z ~ N(0, I) drawn once per seed (`verifier_bias` b, added to each coordinate, and `verifier_noise` s). A
+dataset knows which of its points are real (a subsample too), so `real_weight` w fits weighted moments: the
+real points carry a share w and the synthetic ones 1 − w, whatever their counts: μ = w x̄_r + (1 − w) x̄_s and
+Σ = [w SS_r/n_r + (1 − w) SS_s/n_s + w(1 − w)(x̄_r − x̄_s)(x̄_r − x̄_s)ᵀ] / c, the weighted scatter about μ,
+c = 1 (mle) or 1 − w²/n_r − (1 − w)²/n_s (unbiased: the reliability-weights correction, which is N/(N − 1)
+when w = n_r/N).
 """
 
 from __future__ import annotations
@@ -46,6 +55,10 @@ METRICS = {
     "w2": ("the Wasserstein-2 distance between the truth and the fit", "units of x", "lower"),
 }
 MIN_ITERATIONS = 10  # replace loses about 1/n of the spread per iteration: n = 50 needs tens of iterations to show
+SCORES = {
+    "likelihood": "log N(x; μ₀, Σ₀): the point's log-density under the truth",
+    "verifier": "log N(x; μ_v, Σ₀), μ_v = μ₀ + verifier_bias + N(0, verifier_noise²/d·I) drawn once per seed",
+}
 CHUNK = 1 << 21  # draws (or gathered matrix entries) held at once: bounds memory for thousands of seeds
 
 
@@ -58,6 +71,8 @@ class Config(BaseModel):
     cov: list[list[float]] | None = Field(None, description="Σ₀ (d×d, symmetric positive definite); default σ²I")
     estimator: Literal["mle", "unbiased"] = Field("mle", description="covariance SS/N (the field's) or SS/(N − 1)")
     method: Literal["fast", "loop"] = Field("fast", description="every seed of a policy at once, or one seed at a time with a folder per generation")
+    verifier_noise: float = Field(0.0, ge=0.0, description="the `verifier` score's mean: μ₀ + verifier_bias + N(0, s²/d·I), s this")
+    verifier_bias: float = Field(0.0, description="added to each coordinate of the verifier's mean")
 
     @model_validator(mode="after")
     def _check(self):
@@ -108,8 +123,8 @@ class Block:
     mean x̄ and the scatter's factor L_W (see the module docstring); `points` recomputes any of them. A set of
     s ≤ d points keeps its fit's (mean, chol) instead, to draw its points one by one."""
 
-    def __init__(self, mean: np.ndarray, chol: np.ndarray, keys: np.ndarray, size: int):
-        self.keys, self.size = np.asarray(keys, dtype=np.uint64), int(size)
+    def __init__(self, mean: np.ndarray, chol: np.ndarray, keys: np.ndarray, size: int, real: bool = False):
+        self.keys, self.size, self.real = np.asarray(keys, dtype=np.uint64), int(size), real
         S, d = mean.shape
         self.d = d
         self.wishart = self.size >= d + 1
@@ -162,9 +177,10 @@ class Block:
 
 @dataclass
 class Rows:
-    """Explicit points (S, m, d): what a subsample keeps."""
+    """Explicit points (S, m, d): what a subsample or a selection keeps, and which of them are real (S, m)."""
 
     x: np.ndarray
+    real: np.ndarray | bool = False
 
     def __post_init__(self):
         self.xbar, self.scatter = _moments(self.x)
@@ -183,6 +199,24 @@ def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     xbar = x.mean(axis=1) if m else np.zeros((S, d))
     xc = x - xbar[:, None, :]
     return xbar, xc.swapaxes(1, 2) @ xc
+
+
+def _masked_moments(x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Count (S,), mean (S, d) and scatter (S, d, d) of each seed's points (S, m, d) where mask (S, m)."""
+    count = mask.sum(1)
+    xbar = (x * mask[..., None]).sum(1) / np.maximum(count, 1)[:, None]
+    xc = (x - xbar[:, None, :]) * mask[..., None]
+    return count, xbar, xc.swapaxes(1, 2) @ xc
+
+
+def _combine(acc, count, xbar, scatter):
+    """Chan et al.'s pooled (count, mean, scatter) of two groups, per seed (counts may differ by seed or be 0)."""
+    N, mean, total_scatter = acc
+    total = N + count
+    f = np.where(total > 0, count / np.maximum(total, 1), 0.0)  # the new group's share
+    delta = xbar - mean
+    total_scatter = total_scatter + scatter + (N * f)[:, None, None] * np.einsum("sd,se->sde", delta, delta)
+    return total, mean + f[:, None] * delta, total_scatter
 
 
 def _apply(M: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -218,10 +252,37 @@ class Sample:
     """A dataset of every seed: its parts (Blocks and Rows), never copied when concatenated."""
 
     parts: list
+    seeds: np.ndarray | None = None  # (S,) the base seeds (a verifier is drawn once per seed)
 
     @property
     def n(self) -> int:
         return sum(p.count for p in self.parts)
+
+    def real_at(self, positions: np.ndarray) -> np.ndarray:
+        """Whether the points at `positions` (S, m) are real: (S, m) bool."""
+        real = np.zeros(positions.shape, dtype=bool)
+        start = 0
+        for p in self.parts:
+            inside = (positions >= start) & (positions < start + p.count)
+            if isinstance(p, Rows) and np.ndim(p.real):
+                real |= inside & np.take_along_axis(p.real, np.clip(positions - start, 0, p.count - 1), axis=1)
+            elif p.real:
+                real |= inside
+            start += p.count
+        return real
+
+    def side_moments(self) -> dict:
+        """{"real"/"syn": (count (S,), mean (S, d), scatter (S, d, d))} of its real and its synthetic points."""
+        S, d = self.parts[0].xbar.shape
+        out = {side: (np.zeros(S), np.zeros((S, d)), np.zeros((S, d, d))) for side in ("real", "syn")}
+        for p in self.parts:
+            if isinstance(p, Rows) and np.ndim(p.real):
+                for side, mask in (("real", p.real), ("syn", ~p.real)):
+                    out[side] = _combine(out[side], *_masked_moments(p.x, mask))
+            elif p.count:
+                side = "real" if p.real else "syn"
+                out[side] = _combine(out[side], np.full(S, float(p.count)), p.xbar, p.scatter)
+        return out
 
     def points_at(self, positions: np.ndarray) -> np.ndarray:
         """The points at `positions` (S, m) of each seed's concatenated parts: (S, m, d)."""
@@ -272,6 +333,7 @@ def cholesky(A: np.ndarray) -> np.ndarray:
 
 class Family:
     batched = True
+    weights_real = True
 
     def __init__(self, config: Config, *, device: str = "cpu", cache_dir: Path | None = None):
         self.config = config
@@ -289,18 +351,42 @@ class Family:
         seeds = np.atleast_1d(np.asarray(seed, dtype=np.int64))
         S, d = len(seeds), self.config.d
         mean, chol = np.broadcast_to(self.truth.mean, (S, d)), np.broadcast_to(self.truth.chol, (S, d, d))
-        return Sample([Block(mean, chol, stream_keys(seeds, "gaussian", "real", draw), self.config.n)])
+        return Sample([Block(mean, chol, stream_keys(seeds, "gaussian", "real", draw), self.config.n, real=True)], seeds)
 
     def size(self, data: Sample) -> int:
         return data.n
 
     def concat(self, datasets: list[Sample]) -> Sample:
-        return Sample([p for data in datasets for p in data.parts])
+        return Sample([p for data in datasets for p in data.parts], datasets[0].seeds)
+
+    def take(self, data: Sample, indices: np.ndarray) -> Sample:
+        """The points at `indices` (S, m) of each seed's set, in that order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return Sample([Rows(data.points_at(indices), data.real_at(indices))], data.seeds)
 
     def subsample(self, data: Sample, size: int, seed) -> Sample:
-        return Sample([Rows(data.points_at(choose(seed, data.n, size)))])
+        return self.take(data, choose(seed, data.n, size))
 
-    def fit(self, train: Sample, seed, workdir: Path | None) -> Fitted:
+    def score(self, data: Sample, name: str, model: Fitted, reference: Fitted | None, seed) -> np.ndarray:
+        """Each point's log-density (S, n) under the truth or the seed's verifier (SCORES)."""
+        x = data.points_at(np.broadcast_to(np.arange(data.n), (len(data.seeds), data.n)))
+        mean = self.truth.mean if name == "likelihood" else self.verifier(data.seeds)[:, None, :]
+        z = np.linalg.solve(self.truth.chol, (x - mean).reshape(-1, self.config.d).T).T.reshape(x.shape)
+        return -0.5 * (z**2).sum(-1) - 0.5 * self.truth.logdet - 0.5 * self.config.d * math.log(2 * math.pi)
+
+    def verifier(self, seeds) -> np.ndarray:
+        """Each seed's verifier mean μ₀ + verifier_bias + N(0, verifier_noise²/d·I), drawn once: (S, d)."""
+        seeds = np.atleast_1d(np.asarray(seeds, dtype=np.int64))
+        c = self.config
+        return self.truth.mean + c.verifier_bias + c.verifier_noise / math.sqrt(c.d) * normal(stream_keys(seeds, "gaussian", "verifier"), c.d)
+
+    def fit(self, train: Sample, seed, workdir: Path | None, real_weight: float | None = None) -> Fitted:
+        """Mean and covariance; with `real_weight`, weighted moments (the module's docstring) for the seeds
+        whose set has real and synthetic points."""
+        if real_weight is not None:
+            weighted = self.weighted_fit(train, real_weight)
+            if weighted is not None:
+                return weighted
         start = None
         if self._fitted is not None:  # a training set that extends the last one (accumulate): add its new parts
             parts, moments = self._fitted
@@ -313,6 +399,23 @@ class Family:
         if isinstance(only, Block) and only.wishart:  # one generated set: its scatter's factor is at hand, exactly
             return Fitted(mean, only.lw / math.sqrt(denominator))
         return Fitted(mean, cholesky(scatter / denominator))
+
+    def weighted_fit(self, train: Sample, w: float) -> Fitted | None:
+        """The weighted moments' fit, the plain one for seeds whose set lacks either side; None if all do."""
+        sides = train.side_moments()
+        (n_r, m_r, ss_r), (n_s, m_s, ss_s) = sides["real"], sides["syn"]
+        both = (n_r > 0) & (n_s > 0)
+        if not both.any():
+            return None
+        N, mean, scatter = train.moments()
+        cov = scatter / (N - self.config.ddof)
+        r, s = np.maximum(n_r, 1)[:, None, None], np.maximum(n_s, 1)[:, None, None]
+        delta = m_r - m_s
+        weighted = w * ss_r / r + (1 - w) * ss_s / s + w * (1 - w) * np.einsum("sd,se->sde", delta, delta)
+        if self.config.ddof:
+            weighted = weighted / (1 - w**2 / r - (1 - w) ** 2 / s)
+        mean = np.where(both[:, None], w * m_r + (1 - w) * m_s, mean)
+        return Fitted(mean, cholesky(np.where(both[:, None, None], weighted, cov)))
 
     def evaluate(self, model: Fitted, truth: Truth, seed, workdir: Path | None) -> dict[str, np.ndarray]:
         d, L, L0 = self.config.d, model.chol_, truth.chol
@@ -335,12 +438,12 @@ class Family:
     def sample(self, model: Fitted, size: int, like: Sample, seed, workdir: Path | None) -> Sample:
         keys = np.asarray(seed, dtype=np.uint64)
         if workdir is not None:
-            atomic_save_npz(Path(workdir) / "synthetic.npz", mean=model.mean_, chol=model.chol_, keys=keys, size=size)
-        return Sample([Block(model.mean_, model.chol_, keys, size)])
+            atomic_save_npz(Path(workdir) / "synthetic.npz", mean=model.mean_, chol=model.chol_, keys=keys, size=size, seeds=like.seeds)
+        return Sample([Block(model.mean_, model.chol_, keys, size)], like.seeds)
 
     def load_sample(self, workdir: Path) -> Sample:
         with np.load(Path(workdir) / "synthetic.npz") as f:
-            return Sample([Block(f["mean"], f["chol"], f["keys"], int(f["size"]))])
+            return Sample([Block(f["mean"], f["chol"], f["keys"], int(f["size"]))], f["seeds"])
 
     def save_model(self, model: Fitted, workdir: Path) -> None:
         atomic_save_npz(Path(workdir) / "gaussian.npz", mean=model.mean_, chol=model.chol_)
@@ -358,8 +461,9 @@ def memory_estimate(config: Config, seeds: int, iterations: int, vectorised: boo
 
 
 def theory(config: Config, policy, iterations: int) -> dict[str, np.ndarray] | None:
-    """Exact expectations: trace_ratio and mean_sq_error under every built-in policy (second moments);
-    det_ratio and kl under replace and replace-grown (the Wishart chain); nothing for w2."""
+    """Exact expectations: trace_ratio and mean_sq_error under every built-in policy (second moments), with a
+    real weight under mix and fresh; det_ratio and kl under replace and replace-grown (the Wishart chain);
+    nothing for w2, nor with a selection."""
     moments = closed_forms.second_moments(policy, config.n, iterations, config.ddof)
     if moments is None:
         return None

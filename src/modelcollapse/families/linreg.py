@@ -523,7 +523,9 @@ def memory_estimate(config: Config, seeds: int, iterations: int, vectorised: boo
 
 
 def theory(config: Config, policy, iterations: int) -> dict[str, np.ndarray] | None:
-    """The closed form E‖ŵ_n − w*‖² of `test_error`, where the paper gives one."""
-    if policy.name not in closed_forms.LINREG_POLICIES:
+    """The closed form E‖ŵ_n − w*‖² of `test_error`, where the paper gives one (none with a selection, or
+    with a real weight where there are real and synthetic examples to weigh: docs/theory.md)."""
+    weighed = policy.real_weight is not None and policy.name not in ("replace", "replace-grown")
+    if policy.name not in closed_forms.LINREG_POLICIES or policy.select is not None or weighed:
         return None
     return {"test_error": closed_forms.linreg_test_error(policy.name, config.d, config.T, config.sigma2, iterations)}
