@@ -156,17 +156,24 @@ class Fitted:
         K = self.counts_.shape[1]
         return (self.weighted() + self.alpha) / (self.n_ + K * self.alpha)
 
+    @property
+    def both_(self) -> np.ndarray:
+        """Which seeds' fits are weighted: a weight, and real and synthetic draws to weigh (S,)."""
+        if self.weight is None:
+            return np.zeros(len(self.counts_), dtype=bool)
+        n_real = self.real_.sum(1)
+        return (n_real > 0) & (n_real < self.n_)
+
     def weighted(self) -> np.ndarray:
         """The counts, or with a weight w, N·(w·c_real/n_real + (1 − w)·c_syn/n_syn) where a seed has both."""
-        if self.weight is None:
+        both = self.both_
+        if not both.any():
             return self.counts_
         real = self.real_.astype(float)
         n_real = real.sum(1, keepdims=True)
-        n_syn = self.n_ - n_real
-        both = (n_real > 0) & (n_syn > 0)
         w = self.weight
-        mixed = self.n_ * (w * real / np.maximum(n_real, 1) + (1 - w) * (self.counts_ - real) / np.maximum(n_syn, 1))
-        return np.where(both, mixed, self.counts_)
+        mixed = self.n_ * (w * real / np.maximum(n_real, 1) + (1 - w) * (self.counts_ - real) / np.maximum(self.n_ - n_real, 1))
+        return np.where(both[:, None], mixed, self.counts_)
 
     def draw(self, u: np.ndarray, seeds=slice(None)) -> np.ndarray:
         """The outcomes (s, m) of uniforms u (s, m) in (0, 1] for the seeds `seeds` of this fit, as `sample`
@@ -175,17 +182,18 @@ class Fitted:
         c = self.counts_[seeds]
         s, K = c.shape
         rows = np.arange(s)[:, None]
-        if self.weight is not None:  # the first outcome whose cumulative probability reaches u
-            cdf = np.cumsum(self.p_[seeds], axis=1)
-            cdf[:, -1] = 1.0
-            return np.searchsorted((cdf + 2 * rows).ravel(), u + 2 * rows) - K * rows
         N, alpha = self.n_, self.alpha
         v = u * (N + K * alpha)
         at = np.minimum(v.astype(np.int64), N - 1)  # a training draw's position (v = N itself: the last one)
-        inside = np.searchsorted((np.cumsum(c, axis=1) + (N + 1) * rows).ravel(), at + (N + 1) * rows, side="right") - K * rows
-        if alpha == 0:
-            return inside
-        return np.where(v < N, inside, np.minimum(((v - N) / alpha).astype(np.int64), K - 1))
+        out = np.searchsorted((np.cumsum(c, axis=1) + (N + 1) * rows).ravel(), at + (N + 1) * rows, side="right") - K * rows
+        if alpha > 0:
+            out = np.where(v < N, out, np.minimum(((v - N) / alpha).astype(np.int64), K - 1))
+        both = self.both_[seeds]
+        if both.any():  # weighted seeds: the first outcome whose cumulative probability reaches u
+            cdf = np.cumsum(self.p_[seeds], axis=1)
+            cdf[:, -1] = 1.0
+            out = np.where(both[:, None], np.searchsorted((cdf + 2 * rows).ravel(), u + 2 * rows) - K * rows, out)
+        return out
 
 
 def compact(counts: np.ndarray, n: int) -> np.ndarray:
@@ -319,7 +327,7 @@ class Family:
         counts = np.zeros((S, K), dtype=np.int64)
         step = max(1, CHUNK // max(size, 1))
         for lo in range(0, S, step):
-            if model.weight is not None:  # weighted probabilities: by their cumulative sums
+            if model.both_[lo : lo + step].any():  # weighted probabilities: by their cumulative sums
                 u = uniform(keys[lo : lo + step, None], np.arange(size, dtype=np.uint64))
                 counts[lo : lo + step] = _tally(len(u), K, model.draw(u, slice(lo, lo + step)), np.arange(len(u))[:, None])
                 continue
@@ -340,6 +348,8 @@ class Family:
 
     def load_sample(self, workdir: Path) -> Counts:
         with np.load(Path(workdir) / "synthetic.npz") as f:
+            if "keys" not in f.files:  # written before selection existed: the counts only
+                return Counts(f["counts"], int(f["n"]))
             model = from_arrays({k.removeprefix("model_"): f[k] for k in f.files if k.startswith("model_")})
             return Counts(f["counts"], int(f["n"]), seeds=f["seeds"], drawn_by=(model, f["keys"]))
 

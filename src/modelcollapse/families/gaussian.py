@@ -443,7 +443,7 @@ class Family:
 
     def load_sample(self, workdir: Path) -> Sample:
         with np.load(Path(workdir) / "synthetic.npz") as f:
-            return Sample([Block(f["mean"], f["chol"], f["keys"], int(f["size"]))], f["seeds"])
+            return Sample([Block(f["mean"], f["chol"], f["keys"], int(f["size"]))], f["seeds"] if "seeds" in f.files else None)
 
     def save_model(self, model: Fitted, workdir: Path) -> None:
         atomic_save_npz(Path(workdir) / "gaussian.npz", mean=model.mean_, chol=model.chol_)
