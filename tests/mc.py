@@ -12,7 +12,7 @@ def assert_within(family, policy, seeds: int, iterations: int, expected: dict, k
     """Every metric of `expected` (an array per iteration) within k standard errors of the mean over `seeds`
     chains at every iteration (exactly equal where the chains never vary). Returns the simulated metrics."""
     assert expected, "no theory to check"
-    sims = simulate(family, policy, list(range(seeds)), iterations)
+    sims = simulate(family, policy, list(range(seeds)), iterations, policy.select, policy.real_weight)
     for metric, curve in expected.items():
         values = sims[metric]
         mean, se = values.mean(0), values.std(0, ddof=1) / np.sqrt(seeds)

@@ -8,12 +8,13 @@ import pytest
 from conftest import cli
 from modelcollapse import config as configlib
 from modelcollapse.errors import BadInput, RunFailed
-from modelcollapse.families import linreg
+from modelcollapse.families import categorical, gaussian, kde, linreg
 from modelcollapse.loop import run_experiment, simulate
 from modelcollapse.policies import from_spec
 from modelcollapse.seeding import stream_keys
 from modelcollapse.selection import SelectSpec, select
 from modelcollapse.store import read_json, read_metrics
+from modelcollapse.testing import check_family
 
 BASE = {"name": "sel", "family": "linreg", "iterations": 4, "seeds": 3, "linreg": {"d": 3, "T": 16}}
 
@@ -174,3 +175,132 @@ def test_vae_selection_by_a_verifier_classifier_and_its_real_weight(tmp_path, mo
     assert not all(np.array_equal(a.detach(), b.detach()) for a, b in zip(judge.parameters(), verifier.parameters()))
     w = vae.example_weights(np.array([True] * 3 + [False] * 9), 0.8)
     assert w.mean() == pytest.approx(1) and w[:3].sum() / w.sum() == pytest.approx(0.8)
+
+
+# -- the exact families: gaussian, kde, categorical -------------------------------------------------------------
+
+EXACT_POLICIES = ["replace", {"name": "replace", "select": {"name": "top-fraction", "score": "likelihood", "oversample": 3}},
+                  {"name": "accumulate-subsample", "real_weight": 0.7, "select": {"name": "k-choice", "score": "verifier", "k": 2}},
+                  {"name": "mix", "real_fraction": 0.5, "real_weight": 0.3}, {"name": "accumulate", "real_weight": 0.3},
+                  {"name": "fresh", "real_fraction": 0.5, "real_weight": 0.8}]
+
+
+@pytest.mark.parametrize("family,table", [
+    ("gaussian", {"d": 2, "n": 10, "verifier_noise": 0.5, "verifier_bias": 0.2}),
+    ("kde", {"n": 12, "n_test": 20, "verifier_noise": 0.3, "dataset": "circles"}),
+    ("categorical", {"k": 6, "n": 12, "verifier_noise": 0.3, "smoothing": 0.5}),
+])
+def test_exact_families_select_and_weigh_alike_one_seed_at_a_time_and_all_at_once(family, table):
+    """check_family runs every policy above twice, cut short and resumed, and one seed at a time against
+    every seed at once: the same numbers on the same draws."""
+    policies = [json.loads(json.dumps(p).replace('"likelihood"', '"reward"')) if family == "categorical" else p for p in EXACT_POLICIES]
+    rows = check_family(family, table, policies=policies)
+    kept = [r for r in rows if r["metric"] == "select_kept_frac"]
+    assert {r["value"] for r in kept} == {1 / 3, 1 / 2}
+
+
+def test_gaussian_scores_are_log_densities_under_the_truth_and_the_verifier():
+    from scipy.stats import multivariate_normal
+
+    cov = [[2.0, 0.5], [0.5, 1.0]]
+    fam = gaussian.Family(gaussian.Config(d=2, n=10, cov=cov, mean=[1.0, -1.0], verifier_bias=0.3))
+    seeds = np.array([3, 4])
+    real = fam.real_data("train", seeds)
+    x = real.points_at(np.broadcast_to(np.arange(10), (2, 10)))
+    assert np.allclose(fam.score(real, "likelihood", None, None, None), multivariate_normal([1.0, -1.0], cov).logpdf(x))
+    assert np.allclose(fam.score(real, "verifier", None, None, None), multivariate_normal([1.3, -0.7], cov).logpdf(x))
+    kept = fam.take(real, np.array([[9, 0], [4, 4]]))
+    assert np.allclose(kept.parts[0].x, x[[[0], [1]], [[9, 0], [4, 4]]]) and kept.real_at(np.array([[0, 1], [0, 1]])).all()
+
+
+@pytest.mark.parametrize("estimator", ["mle", "unbiased"])
+def test_gaussian_real_weight_is_the_weighted_mean_and_scatter(estimator):
+    fam = gaussian.Family(gaussian.Config(d=3, n=12, estimator=estimator))
+    seeds = np.array([1, 2])
+    real = fam.real_data("train", seeds)
+    model = gaussian.Fitted(np.ones((2, 3)), np.broadcast_to(2 * np.eye(3), (2, 3, 3)))
+    synthetic = fam.sample(model, 12, real, stream_keys(seeds, "t", 2, "sample"), None)
+    pool = fam.concat([real, synthetic])
+    train = fam.subsample(pool, 15, stream_keys(seeds, "t", 2, "policy"))  # a mix whose counts differ by seed
+    w = 0.8
+    fitted = fam.fit(train, None, None, real_weight=w)
+    x, real_mask = train.parts[0].x, train.parts[0].real
+    for s in range(2):
+        a = np.where(real_mask[s], w / real_mask[s].sum(), (1 - w) / (~real_mask[s]).sum())
+        mean = a @ x[s]
+        cov = (a[:, None] * (x[s] - mean)).T @ (x[s] - mean) / (1 - (a**2).sum() if estimator == "unbiased" else 1)
+        assert np.allclose(fitted.mean_[s], mean) and np.allclose(fitted.chol_[s] @ fitted.chol_[s].T, cov)
+
+
+def test_categorical_scores_take_and_weighted_counts():
+    S = 20000
+    fam = categorical.Family(categorical.Config(k=5, n=20, reward=[0.0, 1.0, 2.0, 3.0, 4.0], verifier_noise=0.5))
+    seeds = np.arange(S)
+    real = fam.real_data("train", seeds)
+    model = fam.fit(real, None, None)
+    drawn = fam.sample(model, 30, real, stream_keys(seeds, "t", 2, "sample"), None)
+    outcomes = drawn.outcomes()
+    assert np.array_equal(np.stack([np.bincount(o, minlength=5) for o in outcomes[:50]]), drawn.counts[:50])
+    assert np.array_equal(fam.score(drawn, "reward", model, None, None), outcomes.astype(float))
+    verifier = fam.score(drawn, "verifier", model, None, None)
+    assert np.allclose(verifier, np.take_along_axis(fam.verifier(seeds), outcomes, 1)) and not np.allclose(verifier, outcomes)
+    kept = fam.take(drawn, np.tile(np.arange(10), (S, 1)))
+    assert np.array_equal(kept.counts[:50], np.stack([np.bincount(o[:10], minlength=5) for o in outcomes[:50]]))
+    # weighted counts: w·c_real/n_real + (1 − w)·c_syn/n_syn, and draws that follow them
+    train = fam.concat([fam.subsample(real, 5, stream_keys(seeds, "t", 2, "policy")), drawn])
+    fitted = fam.fit(train, None, None, real_weight=0.6)
+    c_real = train.real.astype(float)
+    expected = 0.6 * c_real / 5 + 0.4 * (train.counts - c_real) / 30
+    assert np.allclose(fitted.p_, expected)
+    again = fam.sample(fitted, 25, real, stream_keys(seeds, "t", 3, "sample"), None).counts
+    q = expected.mean(0)  # E[count] = 25 p̂, averaged over seeds
+    assert np.all(np.abs(again.mean(0) / 25 - q) < 4.5 * np.sqrt(q * (1 - q) / (25 * S)) + 1e-12)
+
+
+def test_kde_truth_densities_integrate_to_one_and_weighted_kernels_are_the_weighted_kde():
+    from scipy.stats import multivariate_normal
+
+    for dataset, noise, lo, hi in (("moons", 0.1, -1.8, 2.8), ("circles", 0.05, -1.4, 1.4), ("blobs", 0.5, -5.0, 6.5)):
+        t = np.linspace(lo, hi, 200)
+        g = np.stack(np.meshgrid(t, t), -1).reshape(1, -1, 2)
+        mass = np.exp(kde.truth_log_density(dataset, noise, g)).sum() * (t[1] - t[0]) ** 2
+        assert mass == pytest.approx(1, abs=1e-5), dataset
+    x = g[:, ::397]
+    blobs = np.mean([multivariate_normal(c, 0.25).pdf(x[0]) for c in kde.BLOB_CENTRES], axis=0)
+    assert np.allclose(kde.truth_log_density("blobs", 0.5, x)[0], np.log(blobs))
+    fam = kde.Family(kde.Config(n=8, n_test=30, bandwidth=0.3))
+    seeds = np.array([5])
+    real, test = fam.real_data("train", seeds), fam.real_data("test", seeds)
+    synthetic = fam.sample(fam.fit(real, None, None), 4, real, stream_keys(seeds, "t", 2, "sample"), None)
+    train = fam.concat([real, synthetic])
+    metrics = fam.evaluate(fam.fit(train, None, None, real_weight=0.25), test, None, None)
+    points = np.concatenate(train.parts, axis=1)[0]
+    a = np.array([0.25 / 8] * 8 + [0.75 / 4] * 4)
+    density = sum(ai * multivariate_normal(p, 0.09).pdf(test.x[0]) for ai, p in zip(a, points))
+    assert metrics["test_nll"][0] == pytest.approx(-np.log(density).mean())
+    mean = a @ points
+    assert metrics["mean_sq_error"][0] == pytest.approx(np.sum((mean - test.mean[0]) ** 2))
+    assert metrics["trace_ratio"][0] == pytest.approx((a @ ((points - mean) ** 2).sum(1) + 2 * 0.09) / test.trace[0])
+
+
+def test_a_kde_without_noise_has_no_likelihood_to_select_by(tmp_path):
+    fam = kde.Family(kde.Config(noise=0.0))
+    real = fam.real_data("train", np.array([0]))
+    with pytest.raises(BadInput, match="kde.noise = 0: the moons distribution has no density"):
+        fam.score(real, "likelihood", None, None, None)
+
+
+def test_the_report_draws_a_familys_curve_for_the_runs_own_selection(tmp_path):
+    """A top-level [select] reaches the family's theory: categorical k-choice on the reward has a curve, a
+    gaussian with a selection has none (its plain curve would be wrong)."""
+    from modelcollapse.report import Run, theory_for
+
+    raw = {"name": "c", "family": "categorical", "policies": ["replace"], "iterations": 3, "seeds": 2,
+           "categorical": {"k": 3, "n": 6}, "select": {"name": "k-choice", "score": "reward", "k": 3}}
+    run = Run(run_experiment(configlib.from_dict(raw), tmp_path / "c", progress=False))
+    curve = theory_for(run, "replace", "reward", 3)
+    plain = categorical.theory(categorical.Config(k=3, n=6), from_spec("replace"), 3)["reward"]
+    assert curve is not None and curve[1] > plain[1] + 0.05
+    raw = {"name": "g", "family": "gaussian", "policies": ["replace"], "iterations": 2, "seeds": 2, "gaussian": {"d": 2, "n": 5},
+           "select": {"name": "top-fraction", "score": "likelihood"}}
+    assert theory_for(Run(run_experiment(configlib.from_dict(raw), tmp_path / "g", progress=False)), "replace", "trace_ratio", 2) is None

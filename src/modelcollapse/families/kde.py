@@ -57,7 +57,8 @@ SCORES = {
     "likelihood": "the point's log-density under the toy set's distribution",
     "verifier": "its log-density under that distribution shifted by verifier_bias + N(0, verifier_noise²/2·I), drawn once per seed",
 }
-GRID_SPACING = 1 / 16  # the truth's curve is summed over points this fraction of its noise apart
+GRID_SPACING = 0.5  # the truth's curve is summed over points about this fraction of its noise apart (a sum of
+# Gaussians spaced h apart errs by ~exp(−2π²σ²/h²) relative: below 1e-15 here)
 CHUNK = 1 << 22  # pairwise distances (or drawn numbers) held at once
 BLOB_CENTRES = np.array([[-2.0, 0.0], [2.0, 0.0], [0.0, 2 * math.sqrt(3)]])
 NOISE = {"moons": 0.1, "circles": 0.05, "blobs": 0.5, "swiss_roll": 0.5}  # each generator's noise, unless given
