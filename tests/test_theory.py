@@ -100,3 +100,100 @@ def test_theory_command_bad_input_is_one_line_and_exit_2(args, message):
     out = cli("theory", *args)
     assert out.returncode == 2 and out.stdout == "" and len(out.stderr.strip().splitlines()) == 1
     assert re.search(message, out.stderr), out.stderr
+
+
+# -- selection and weighting (issue 13) -----------------------------------------------------------------------
+
+
+def test_choice_probabilities_are_the_softmax_choice_among_k_and_tend_to_the_tilted_distribution():
+    import itertools
+
+    p, r, tau = np.array([0.5, 0.3, 0.2]), np.array([1.0, 0.5, 0.0]), 0.7
+    v = np.exp(r / tau)
+    for k in (2, 3, 5):
+        brute = np.zeros(3)
+        for c in itertools.product(range(3), repeat=k):  # every ordered k-tuple of candidates
+            brute += np.prod(p[list(c)]) * np.bincount(c, weights=v[list(c)] / v[list(c)].sum(), minlength=3)
+        assert np.allclose(theory.choice_probs(p, r, k, tau), brute, atol=1e-12)
+    tilted = p * v / (p @ v)  # Ferbach et al.'s k → ∞ limit
+    gaps = [np.abs(theory.choice_probs(p, r, k, tau) - tilted).max() for k in (10, 100, 1000)]
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-3
+
+
+@pytest.mark.parametrize("policy", [
+    {"name": "replace", "select": {"name": "k-choice", "score": "reward", "k": 3, "temperature": 0.5}},
+    {"name": "fresh", "real_fraction": 0.5, "select": {"name": "k-choice", "score": "reward", "k": 4}},
+])
+def test_curation_chain_agrees_with_monte_carlo(policy):
+    """Every metric's exact expectation under k-choice curation on the reward, within 4 standard errors of
+    20,000 chains at every iteration; reward rises and diversity falls under replace."""
+    from mc import assert_within
+    from modelcollapse.families import categorical
+
+    config = categorical.Config(k=4, n=12, zipf=1.0)
+    policy = from_spec(policy)
+    expected = categorical.theory(config, policy, 8)
+    assert set(expected) == set(theory.CATEGORICAL_METRICS)
+    assert_within(categorical.Family(config), policy, 20000, 8, expected)
+    if policy.name == "replace":
+        assert expected["reward"][-1] > expected["reward"][0] + 0.1 and expected["gini_simpson"][-1] < 0.5 * expected["gini_simpson"][0]
+
+
+def test_curation_has_no_exact_curve_where_the_chain_is_not_exact_or_too_large():
+    from modelcollapse.families import categorical
+
+    small = categorical.Config(k=4, n=12)
+    k_choice = {"name": "k-choice", "score": "reward", "k": 3}
+    assert categorical.theory(small, from_spec({"name": "accumulate", "select": k_choice}), 3) is None
+    assert categorical.theory(small, from_spec({"name": "replace", "select": {"name": "top-fraction", "score": "reward"}}), 3) is None
+    assert categorical.theory(small, from_spec({"name": "mix", "real_fraction": 0.5, "real_weight": 0.3}), 3) is None
+    noisy = categorical.Config(k=4, n=12, verifier_noise=0.5)
+    assert categorical.theory(noisy, from_spec({"name": "replace", "select": k_choice | {"score": "verifier"}}), 3) is None
+    assert categorical.theory(categorical.Config(k=100, n=100), from_spec({"name": "replace", "select": k_choice}), 3) is None
+    # the mean-field curve iterates q: an approximation, off the exact curve at small n
+    mean_field = theory.curation_mean_field(small.truth, small.rewards, 3, 1.0, 8) @ small.rewards
+    exact = categorical.theory(small, from_spec({"name": "replace", "select": k_choice}), 8)["reward"]
+    assert mean_field[0] == pytest.approx(exact[0]) and abs(mean_field[-1] - exact[-1]) > 0.01
+
+
+@pytest.mark.parametrize("estimator", ["mle", "unbiased"])
+@pytest.mark.parametrize("policy", [{"name": "mix", "real_fraction": 0.5, "real_weight": 0.8},
+                                    {"name": "fresh", "real_fraction": 0.3, "real_weight": 0.2},
+                                    {"name": "fresh", "real_fraction": 0.5, "real_weight": 0.618}])
+def test_gaussian_real_weight_curves_agree_with_monte_carlo(policy, estimator):
+    from mc import assert_within
+    from modelcollapse.families import gaussian
+
+    config = gaussian.Config(d=2, n=10, estimator=estimator)
+    policy = from_spec(policy)
+    expected = gaussian.theory(config, policy, 10)
+    assert set(expected) == {"trace_ratio", "mean_sq_error"}
+    assert_within(gaussian.Family(config), policy, 6000, 10, expected)
+
+
+def test_gaussian_weighted_curves_reduce_to_the_plain_ones_and_exist_only_where_exact():
+    from modelcollapse.families import gaussian
+
+    config = gaussian.Config(d=3, n=20, estimator="unbiased")
+    for name in ("mix", "fresh"):
+        plain = gaussian.theory(config, from_spec({"name": name, "real_fraction": 0.25}), 6)
+        weighted = gaussian.theory(config, from_spec({"name": name, "real_fraction": 0.25, "real_weight": 0.25}), 6)
+        assert all(np.allclose(plain[k], weighted[k], rtol=1e-12) for k in plain)  # w = m/n is the plain fit
+    assert gaussian.theory(config, from_spec({"name": "accumulate", "real_weight": 0.5}), 6) is None
+    assert gaussian.theory(config, from_spec({"name": "replace", "real_weight": 0.5}), 6).keys() == gaussian.theory(config, from_spec("replace"), 6).keys()
+    assert gaussian.theory(config, from_spec({"name": "replace", "select": {"name": "top-fraction", "score": "likelihood"}}), 6) is None
+
+
+def test_the_golden_ratio_optimum_of_the_fixed_variance_mean_error():
+    """He, Xu & Cheng's claim: with k synthetic = m real points and the synthetic variance held at the
+    truth's, the limit of the mean's error V(w) = [w²/m + (1 − w)²/k]/(1 − (1 − w)²) is least at w = 1/φ. The
+    exact recursion (which lets the variance move) puts fresh's optimum near it."""
+    from modelcollapse.families import gaussian
+
+    w = np.linspace(0.05, 0.95, 901)
+    V = (w**2 + (1 - w) ** 2) / (1 - (1 - w) ** 2)
+    assert w[np.argmin(V)] == pytest.approx((math.sqrt(5) - 1) / 2, abs=1e-3)
+    config = gaussian.Config(d=1, n=200)
+    limit = [gaussian.theory(config, from_spec({"name": "fresh", "real_fraction": 0.5, "real_weight": float(x)}), 400)["mean_sq_error"][-1]
+             for x in w[::10]]
+    assert w[::10][np.argmin(limit)] == pytest.approx(0.618, abs=0.02)
