@@ -575,6 +575,41 @@ def plot_facets(sweep: SweepDir, metric: str, path: Path) -> None:
     save(fig, path)
 
 
+def numeric_axis(sweep: SweepDir) -> str | None:
+    """The sweep's one grid key, when it has one and every value is a number."""
+    if len(sweep.keys) != 1:
+        return None
+    values = [json.loads(v) for v in sweep.values[sweep.keys[0]]]
+    return sweep.keys[0] if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) else None
+
+
+def plot_axis(sweep: SweepDir, key: str, metric: str, path: Path) -> None:
+    """One metric at the last iteration against the sweep's numeric axis: each policy's mean with its 95%
+    interval per cell, and the family's exact expectation dashed where it has one."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    policies = list(dict.fromkeys(p for r in sweep.runs for p in r.policies if p in r.table(metric)))
+    for i, policy in enumerate(policies):
+        x, mean, half, theory = [], [], [], []
+        for run in sorted(sweep.runs, key=lambda r: r.axes[key]):
+            series = run.table(metric).get(policy)
+            if not series:
+                continue
+            last = max(series)
+            m, h = mean_ci(series[last])
+            x.append(run.axes[key]), mean.append(m), half.append(h)
+            t = theory_for(run, policy, metric, last)
+            theory.append(np.nan if t is None else t[-1])
+        color = f"C{i}"
+        ax.errorbar(x, mean, yerr=half, marker="o", ms=3, capsize=2, color=color, label=policy)
+        if np.isfinite(theory).any():
+            ax.plot(x, theory, "--", color=color, lw=1.2, label=f"{policy} theory")
+    ax.set_xlabel(sweep.short(key))
+    ax.set_ylabel(f"{metric} (last iteration)")
+    ax.set_title(f"{sweep.name}: {metric}", fontsize=10)
+    ax.legend(fontsize=7)
+    save(fig, path)
+
+
 # -- tables --------------------------------------------------------------------------------------------------
 
 
@@ -732,6 +767,12 @@ def sweep_section(sweep: SweepDir, doc: Doc, out: Path) -> None:
         lo, hi = seed_counts([r.table(metric) for r in sweep.runs])
         doc.heading(3, metric)
         doc.figure(png, metric, band_phrase(lo, hi))
+        key = numeric_axis(sweep)
+        if key is not None:  # the last iteration against the swept number, too
+            against = f"{sweep.slug}-{slug(metric)}-vs-{slug(sweep.short(key))}.png"
+            plot_axis(sweep, key, metric, out / against)
+            doc.figure(against, f"{metric} against {sweep.short(key)}", f"{metric} at each cell's last iteration against "
+                       f"{sweep.short(key)}: mean and 95% interval per policy; the exact expectation dashed where there is one.")
         doc.table(f"{metric} at each cell's last iteration, {seeds_phrase(lo, hi)}", header, rows)
     add_samples(sweep.runs, doc, out)
 
