@@ -588,6 +588,7 @@ def plot_axis(sweep: SweepDir, key: str, metric: str, path: Path) -> None:
     interval per cell, and the family's exact expectation dashed where it has one."""
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     policies = list(dict.fromkeys(p for r in sweep.runs for p in r.policies if p in r.table(metric)))
+    shown = []
     for i, policy in enumerate(policies):
         x, mean, half, theory = [], [], [], []
         for run in sorted(sweep.runs, key=lambda r: r.axes[key]):
@@ -603,6 +604,10 @@ def plot_axis(sweep: SweepDir, key: str, metric: str, path: Path) -> None:
         ax.errorbar(x, mean, yerr=half, marker="o", ms=3, capsize=2, color=color, label=policy)
         if np.isfinite(theory).any():
             ax.plot(x, theory, "--", color=color, lw=1.2, label=f"{policy} theory")
+        shown += mean
+    if shown and min(shown) > 0 and max(shown) / min(shown) > 30:
+        ax.set_yscale("log")  # as draw_panel: values decades apart
+    ax.grid(alpha=0.3)
     ax.set_xlabel(sweep.short(key))
     ax.set_ylabel(f"{metric} (last iteration)")
     ax.set_title(f"{sweep.name}: {metric}", fontsize=10)
