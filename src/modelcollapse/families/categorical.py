@@ -133,13 +133,16 @@ class Counts:
     drawn_by: tuple | None = None  # (Fitted, keys): a sample's model and stream
 
     def outcomes(self) -> np.ndarray:
-        """Each draw's outcome, in draw order: (S, n). Only a set a model drew has them."""
-        model, keys = self.drawn_by
-        out = np.empty((len(keys), self.n), dtype=np.int64)
-        step = max(1, CHUNK // max(self.n, 1))
-        for lo in range(0, len(keys), step):
-            out[lo : lo + step] = model.draw(uniform(keys[lo : lo + step, None], np.arange(self.n, dtype=np.uint64)), slice(lo, lo + step))
-        return out
+        """Each draw's outcome, in draw order: (S, n), kept (a selection scores them, then takes some). Only
+        a set a model drew has them."""
+        if getattr(self, "_outcomes", None) is None:
+            model, keys = self.drawn_by
+            out = np.empty((len(keys), self.n), dtype=np.int64)
+            step = max(1, CHUNK // max(self.n, 1))
+            for lo in range(0, len(keys), step):
+                out[lo : lo + step] = model.draw(uniform(keys[lo : lo + step, None], np.arange(self.n, dtype=np.uint64)), slice(lo, lo + step))
+            self._outcomes = out
+        return self._outcomes
 
 
 @dataclass
