@@ -57,8 +57,8 @@ SCORES = {
     "likelihood": "the point's log-density under the toy set's distribution",
     "verifier": "its log-density under that distribution shifted by verifier_bias + N(0, verifier_noise²/2·I), drawn once per seed",
 }
-GRID_SPACING = 0.5  # the truth's curve is summed over points about this fraction of its noise apart (a sum of
-# Gaussians spaced h apart errs by ~exp(−2π²σ²/h²) relative: below 1e-15 here)
+GRID_SPACING = 0.5  # the truth's curve is summed over points about this fraction of its noise apart: the
+# log-density is exact to ~1e-15 away from an open curve's ends (moons, swiss roll) and within ~2e-3 near them
 CHUNK = 1 << 22  # pairwise distances (or drawn numbers) held at once
 BLOB_CENTRES = np.array([[-2.0, 0.0], [2.0, 0.0], [0.0, 2 * math.sqrt(3)]])
 NOISE = {"moons": 0.1, "circles": 0.05, "blobs": 0.5, "swiss_roll": 0.5}  # each generator's noise, unless given
@@ -112,7 +112,7 @@ def curve(dataset: str, noise: float) -> tuple[np.ndarray, float]:
         return BLOB_CENTRES, noise
     length = {"moons": 2 * math.pi, "circles": 3 * math.pi, "swiss_roll": 90.0}[dataset]  # about, for the grid
     G = max(256, math.ceil(length / (GRID_SPACING * noise)))
-    u = (np.arange(G // 2) + 0.5) / (G // 2)  # midpoints: exact for periodic curves, O(G⁻²) otherwise
+    u = (np.arange(G // 2) + 0.5) / (G // 2)  # midpoints of the parameter
     if dataset == "moons":
         t = math.pi * u
         return np.concatenate([np.stack([np.cos(t), np.sin(t)], 1), np.stack([1 - np.cos(t), 0.5 - np.sin(t)], 1)]), noise
