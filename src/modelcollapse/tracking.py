@@ -247,7 +247,10 @@ def reachable(uri: str) -> None:
     """Fail at once on an http(s) server that does not accept a connection (MLflow would retry for minutes)."""
     url = urlparse(uri)
     if url.scheme in ("http", "https") and url.hostname:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=10).close()
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=10).close()
+        except OSError as e:
+            raise ConnectionError(f"{uri} does not answer ({e.strerror or e})") from None
 
 
 class MLflow:
@@ -330,8 +333,8 @@ class WandB:
         return run, run_id
 
     def log(self, run, n: int, metrics: dict, images: list[Path], texts: list[Path]) -> None:
-        media = {f"samples/{p.stem}": self.wandb.Image(str(p)) for p in images}
-        media |= {f"samples/{p.stem}": self.wandb.Html(f"<pre>{html.escape(p.read_text(errors='replace'))}</pre>") for p in texts}
+        media = {f"samples/{p.name}": self.wandb.Image(str(p)) for p in images}
+        media |= {f"samples/{p.name}": self.wandb.Html(f"<pre>{html.escape(p.read_text(errors='replace'))}</pre>") for p in texts}
         run.log({**metrics, **media}, step=n)
 
     def end(self, run, status: str) -> None:
@@ -367,9 +370,9 @@ class TensorBoard:
             writer.add_scalar(k, v, n)
         for p in images:
             with Image.open(p) as image:
-                writer.add_image(f"samples/{p.stem}", np.asarray(image.convert("RGB")), n, dataformats="HWC")
+                writer.add_image(f"samples/{p.name}", np.asarray(image.convert("RGB")), n, dataformats="HWC")
         for p in texts:  # indented: Markdown shows it as it is written
-            writer.add_text(f"samples/{p.stem}", "".join(f"    {line}" for line in p.read_text(errors="replace").splitlines(True)), n)
+            writer.add_text(f"samples/{p.name}", "".join(f"    {line}" for line in p.read_text(errors="replace").splitlines(True)), n)
         writer.flush()
 
     def end(self, writer, status: str) -> None:
