@@ -229,17 +229,13 @@ def test_an_error_inside_the_tracking_library_is_a_warning(offline, monkeypatch,
     assert warnings[0] in (out / "run.log").read_text()
 
 
-def test_an_unreachable_mlflow_server_is_a_warning_not_a_failure(tmp_path, monkeypatch):
+def test_an_unreachable_mlflow_server_is_a_warning_not_a_failure(offline, monkeypatch, capsys):
     pytest.importorskip("mlflow")
-    config = tmp_path / "tiny.toml"
-    config.write_text('name = "tiny"\nfamily = "linreg"\npolicies = ["replace"]\niterations = 2\nseeds = 1\n'
-                      '[linreg]\nd = 3\nT = 12\nn_test = 50\nmethod = "loop"\n')
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: nothing answers
-    r = cli("run", config, "--out", tmp_path / "run", "--track", "mlflow")
-    assert r.returncode == 0, r.stderr
-    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == 1 and "tracking (mlflow) is off" in warnings[0] and "127.0.0.1" in r.stderr
-    assert read_json(tmp_path / "run" / "manifest.json")["status"] == "done" and len(read_metrics(tmp_path / "run")) == 4
+    out = run_experiment(make(), offline / "run", progress=False, track="mlflow")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "tracking (mlflow) is off" in warnings[0] and "http://127.0.0.1:9 does not answer" in warnings[0]
+    assert read_json(out / "manifest.json")["status"] == "done" and len(expected(out)) == 4
 
 
 def test_a_missing_tracking_package_is_bad_input_before_anything_runs(tmp_path):

@@ -164,8 +164,11 @@ class Tracker:
 
     def _start(self, config: dict, name: str) -> None:
         path = self.store.path / STATE
-        self.state = read_json(path) if path.exists() else {}
-        mine = self.state.setdefault(self.name, {})
+        try:
+            self.state = read_json(path) if path.exists() else {}
+            mine = self.state.setdefault(self.name, {})
+        except (ValueError, AttributeError):
+            raise ValueError(f"{path} is damaged; move it away to track into new tracking runs") from None
         given = os.environ.get(GROUP_ENV)
         mine.setdefault("group", json.loads(given) if given else group(name, self.store.path))
         mine.setdefault("runs", {})
@@ -231,7 +234,7 @@ class Tracker:
         key, handle = self.open
         self.open = None
         self.runs[key]["status"] = status
-        self.backend.end(handle, status)
+        self.backend.end(handle, status, self.runs[key]["logged"])
 
     def _close(self, status: str) -> None:
         if self.open is not None:
@@ -305,12 +308,12 @@ class MLflow:
         for path in images + texts:
             self.client.log_artifact(run_id, str(path), f"gen-{n}")
 
-    def end(self, run_id: str, status: str) -> None:
+    def end(self, run_id: str, status: str, n: int) -> None:
         self.client.set_tag(run_id, "status", status)
         self.client.set_terminated(run_id, self.STATUS[status])
 
     def close(self, status: str) -> None:
-        self.end(self.parent, status)
+        self.end(self.parent, status, 0)
 
 
 class WandB:
@@ -337,7 +340,7 @@ class WandB:
         media |= {f"samples/{p.name}": self.wandb.Html(f"<pre>{html.escape(p.read_text(errors='replace'))}</pre>") for p in texts}
         run.log({**metrics, **media}, step=n)
 
-    def end(self, run, status: str) -> None:
+    def end(self, run, status: str, n: int) -> None:
         run.summary["status"] = status
         run.finish(exit_code=0 if status == "done" else 1)
 
@@ -375,8 +378,8 @@ class TensorBoard:
             writer.add_text(f"samples/{p.name}", "".join(f"    {line}" for line in p.read_text(errors="replace").splitlines(True)), n)
         writer.flush()
 
-    def end(self, writer, status: str) -> None:
-        writer.add_text("status", status)
+    def end(self, writer, status: str, n: int) -> None:
+        writer.add_text("status", status, n)  # at the last generation logged
         writer.close()
 
     def close(self, status: str) -> None:
