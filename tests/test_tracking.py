@@ -14,6 +14,7 @@ from PIL import Image
 
 from conftest import SRC, cli
 from modelcollapse import config as configlib
+from modelcollapse import tracking
 from modelcollapse.families import linreg
 from modelcollapse.loop import run_experiment
 from modelcollapse.store import read_json, read_metrics
@@ -100,7 +101,7 @@ def wandb_records(path):
             yield record
 
 
-def read_wandb(tmp_path):
+def read_wandb(tmp_path, group="tiny-"):
     chains, groups = {}, set()
     for path in sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb")):
         chain = None
@@ -119,7 +120,7 @@ def read_wandb(tmp_path):
                 for i in record.summary.update:
                     if (i.key or "/".join(i.nested_key)) == "status":
                         chain["status"] = json.loads(i.value_json)
-    assert len(groups) == 1 and groups.pop().startswith("tiny-")
+    assert len(groups) == 1 and groups.pop().startswith(group)
     return chains, None
 
 
@@ -203,6 +204,14 @@ def test_a_run_tracked_only_when_resumed_logs_what_finished_before(offline):
     assert all(v["status"] == "done" for v in chains.values())
 
 
+def test_a_vectorised_run_of_few_seeds_is_a_tracking_run_per_chain(offline):
+    pytest.importorskip("tensorboard")
+    run_experiment(make(method="fast"), offline / "run", progress=False, track="tensorboard")
+    chains, _ = read_tensorboard(offline)
+    assert_logged(chains, offline / "run")
+    assert all(v["status"] == "done" for v in chains.values())
+
+
 @pytest.mark.parametrize("method", ["fast", "loop"])
 def test_many_seeds_make_one_tracking_run_per_policy_of_the_means(method, offline):
     pytest.importorskip("tensorboard")
@@ -235,6 +244,7 @@ def test_an_unreachable_mlflow_server_is_a_warning_not_a_failure(offline, monkey
     out = run_experiment(make(), offline / "run", progress=False, track="mlflow")
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "tracking (mlflow) is off" in warnings[0] and "http://127.0.0.1:9 does not answer" in warnings[0]
+    assert warnings[0] in (out / "run.log").read_text()
     assert read_json(out / "manifest.json")["status"] == "done" and len(expected(out)) == 4
 
 
@@ -254,6 +264,25 @@ def test_a_missing_tracking_package_is_bad_input_before_anything_runs(tmp_path):
         assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.stderr)
         assert "--track mlflow needs MLflow" in r.stderr and "pip install" in r.stderr
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tool", ["wandb", "tensorboard"])
+def test_a_sweep_cell_joins_the_sweeps_group(tool, offline, monkeypatch):
+    """What a sweep gives its cells (tracking.sweep_env), here without the sweep's child processes."""
+    pytest.importorskip(tool)
+    sweep = offline / "sweep"
+    for name, value in tracking.sweep_env(tool, "grid", sweep).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MODELCOLLAPSE_TENSORBOARD_DIR", str(offline / "tb"))
+    for cell in ("T-12", "T-20"):
+        run_experiment(make(policies=["replace"], seeds=1, iterations=2), sweep / cell, progress=False, track=tool)
+    if tool == "wandb":
+        chains, _ = read_wandb(offline, group="grid-")
+        assert sorted(chains) == ["T-12/replace/seed-0", "T-20/replace/seed-0"]
+    else:
+        (group,) = (offline / "tb").iterdir()
+        assert group.name.startswith("grid-")
+        assert sorted(p.parent.relative_to(group).as_posix() for p in group.rglob("events.*")) == ["T-12/replace/seed-0", "T-20/replace/seed-0"]
 
 
 def test_a_sweeps_cells_share_its_mlflow_experiment(tmp_path, monkeypatch):

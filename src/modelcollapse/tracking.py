@@ -246,6 +246,12 @@ class Tracker:
         atomic_write_json(self.store.path / STATE, self.state)
 
 
+def shown(uri: str) -> str:
+    """A tracking URI as printed and logged: without a user or password in it."""
+    url = urlparse(uri)
+    return url._replace(netloc=url.netloc.rpartition("@")[2]).geturl() if "@" in url.netloc else uri
+
+
 def reachable(uri: str) -> None:
     """Fail at once on an http(s) server that does not accept a connection (MLflow would retry for minutes)."""
     url = urlparse(uri)
@@ -253,7 +259,7 @@ def reachable(uri: str) -> None:
         try:
             socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=10).close()
         except OSError as e:
-            raise ConnectionError(f"{uri} does not answer ({e.strerror or e})") from None
+            raise ConnectionError(f"{shown(uri)} does not answer ({e.strerror or e})") from None
 
 
 class MLflow:
@@ -285,7 +291,7 @@ class MLflow:
             state["parent"] = run.info.run_id
             self._params(state["parent"], params)
         self.parent = state["parent"]
-        self.where = f"MLflow at {uri}, experiment {name!r}, parent run {self.parent}"
+        self.where = f"MLflow at {shown(uri)}, experiment {name!r}, parent run {self.parent}"
 
     def _params(self, run_id: str, params: dict) -> None:
         items = [self.Param(k, str(v)) for k, v in params.items()]
