@@ -159,7 +159,9 @@ def offline(tmp_path, monkeypatch):
         monkeypatch.setenv(name, value)
     for name in ("MLFLOW_EXPERIMENT_NAME", "WANDB_PROJECT", "MODELCOLLAPSE_TENSORBOARD_DIR", "MODELCOLLAPSE_TRACK_GROUP"):
         monkeypatch.delenv(name, raising=False)
-    return tmp_path
+    yield tmp_path
+    if "wandb" in sys.modules:  # W&B reads its environment once a process: the next test's must be read anew
+        sys.modules["wandb"].teardown()
 
 
 @pytest.mark.parametrize("tool", ["mlflow", "wandb", "tensorboard"])

@@ -91,7 +91,8 @@ def params(config: dict) -> dict:
     """The resolved config as flat params: tables dotted (`linreg.T`), lists as JSON, seeds as their range."""
     config = dict(config)
     seeds = config.pop("seeds")
-    out = {"seeds": f"{seeds[0]}..{seeds[-1]}" if seeds == list(range(seeds[0], seeds[0] + len(seeds))) else json.dumps(seeds)}
+    consecutive = len(seeds) > 1 and seeds == list(range(seeds[0], seeds[0] + len(seeds)))
+    out = {"seeds": f"{seeds[0]}..{seeds[-1]}" if consecutive else ",".join(map(str, seeds))}
     todo = list(config.items())
     while todo:
         key, value = todo.pop(0)
