@@ -42,6 +42,25 @@ class Backend(str, Enum):
     ray = "ray"
 
 
+class Track(str, Enum):
+    mlflow = "mlflow"
+    wandb = "wandb"
+    tensorboard = "tensorboard"
+
+
+TRACK_HELP = ("log each chain's metrics, config, samples and status to this tool too (its own environment variables "
+              "say where: MLFLOW_TRACKING_URI, WANDB_MODE, ...; README: Tracking)")
+
+
+def _track(track: Optional[Track]) -> Optional[str]:
+    """The tool's name, once its package is known to import (else bad input, before anything runs)."""
+    from modelcollapse import tracking
+
+    name = track.value if track else None
+    tracking.check(name)
+    return name
+
+
 class Scale(str, Enum):
     quick = "quick"
     cpu = "cpu"
@@ -55,6 +74,7 @@ def run(
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override a config key, e.g. --set linreg.T=50 (repeatable)"),
     nproc: int = typer.Option(1, "--nproc", metavar="N", min=1, help="data-parallel processes on this node (launched as torchrun does; lm only)"),
     threads: Optional[int] = typer.Option(None, "--threads", metavar="N", min=1, help=THREADS_HELP),
+    track: Optional[Track] = typer.Option(None, "--track", envvar="MODELCOLLAPSE_TRACK", help=TRACK_HELP),
 ):
     """Run one experiment: every policy, seed and iteration of CONFIG."""
     set_threads(threads)
@@ -63,13 +83,14 @@ def run(
     from modelcollapse.loop import run_experiment
 
     cfg = configlib.load(config, set_)
+    tool = _track(track)
     out = out or Path("runs") / cfg.name
     if nproc > 1:
         distributed.check_world(cfg, nproc)  # bad input is found here, before any process starts
-        args = ["run", str(config), "--out", str(out), *(a for s in set_ for a in ("--set", s))]
+        args = ["run", str(config), "--out", str(out), *(a for s in set_ for a in ("--set", s)), *(["--track", tool] if tool else [])]
         raise typer.Exit(distributed.launch(nproc, configlib.resolve_device(cfg.device), args))
     try:
-        run_experiment(cfg, out)
+        run_experiment(cfg, out, track=tool)
     except BadInput:
         if distributed.is_writer():
             raise
@@ -160,12 +181,13 @@ def sweep(
     backend: Backend = typer.Option(Backend.local, "--backend", help="local: child processes here; ray: a Ray task per cell"),
     address: Optional[str] = typer.Option(None, "--address", metavar="ADDR", help="join this Ray cluster (e.g. auto) instead of starting a local one"),
     threads: Optional[int] = typer.Option(None, "--threads", metavar="N", min=1, help=THREADS_HELP + "; per cell"),
+    track: Optional[Track] = typer.Option(None, "--track", envvar="MODELCOLLAPSE_TRACK", help=TRACK_HELP + "; the cells share one group"),
 ):
     """Run every cell of a sweep; finished cells are skipped, a failed cell does not stop the others."""
     set_threads(threads)
     from modelcollapse.sweep import run_sweep
 
-    results = run_sweep(sweep_file, out, set_, workers=workers, backend=backend.value, address=address)
+    results = run_sweep(sweep_file, out, set_, workers=workers, backend=backend.value, address=address, track=_track(track))
     failed = [c for c, status in results if status != "done"]
     for cell in failed:
         typer.echo(f"failed: {cell.name} ({cell.status}): {cell.error}  [log: {out / cell.log}]", err=True)
@@ -181,12 +203,13 @@ def reproduce(
     only: Optional[str] = typer.Option(None, "--only", metavar="FAMILY,...", help="comma-separated families, e.g. linreg,lm"),
     out: Path = typer.Option(Path("results"), "--out", metavar="DIR", help="one run directory per preset, and report/"),
     threads: Optional[int] = typer.Option(None, "--threads", metavar="N", min=1, help=THREADS_HELP),
+    track: Optional[Track] = typer.Option(None, "--track", envvar="MODELCOLLAPSE_TRACK", help=TRACK_HELP),
 ):
     """The paper end to end at a scale: every preset of configs/<scale>/, then one report."""
     set_threads(threads)
     from modelcollapse.reproduce import reproduce as reproduce_all
 
-    report_dir = reproduce_all(scale.value, only.split(",") if only else None, out)
+    report_dir = reproduce_all(scale.value, only.split(",") if only else None, out, track=_track(track))
     typer.echo(f"report: {report_dir / 'index.html'}")
 
 

@@ -36,6 +36,7 @@ from modelcollapse.policies import Policy
 from modelcollapse.seeding import stream_keys, stream_seed
 from modelcollapse.selection import reopen, synthesize
 from modelcollapse.store import RunDir, RunView, atomic_write_json, batch_lines
+from modelcollapse.tracking import Tracker
 
 SHARED = "*"  # the policy key of generation 1's streams, which every policy shares
 
@@ -90,9 +91,9 @@ def vectorised(family) -> bool:
     return bool(getattr(family, "batched", False) and getattr(family, "vectorised", False))
 
 
-def run_experiment(cfg: ExperimentConfig, out: Path, progress: bool | None = None) -> Path:
+def run_experiment(cfg: ExperimentConfig, out: Path, progress: bool | None = None, track: str | None = None) -> Path:
     """Run (or resume) every policy and seed of `cfg` into the run directory `out` (as one rank of a
-    data-parallel run when torchrun started this process)."""
+    data-parallel run when torchrun started this process), logging to the tracking tool `track` if given."""
     out = Path(out)
     with distributed.process_group(resolve_device(cfg.device)) as device:
         with distributed.writer_first():  # rank 0 finds bad input and fills the caches; then the others read them
@@ -109,22 +110,24 @@ def run_experiment(cfg: ExperimentConfig, out: Path, progress: bool | None = Non
         with store_type(out, cfg.resolved(), cfg.hash(), cfg.labels()) as store:
             resumed = finished_rows(store, cfg, family)
             store.reset_metrics(resumed)
-            quiet = progress is False or not distributed.is_writer()
-            bar = progress_bar(len(cfg.policies) * cfg.iterations * len(cfg.seeds), cfg.name, quiet)
-            stopped = []
-            for policy in cfg.policies:
-                bar.set_description(f"{cfg.name}: {policy.label}", refresh=False)
-                chains = [cfg.seeds] if vectorised(family) else [[s] for s in cfg.seeds]
-                for seeds in chains:
-                    try:
-                        (run_batch if vectorised(family) else run_chain)(family, store, cfg, policy, seeds, bar)
-                    except ChainStopped as e:
-                        store.log(str(e))
-                        bar.write(str(e), file=sys.stderr)
-                        stopped.append(str(e))
-            bar.close()
-            if stopped:
-                raise ChainStopped(f"{len(stopped)} chain(s) stopped on non-finite metrics; the first: {stopped[0]}")
+            with Tracker(track if distributed.is_writer() else None, store, cfg) as tracker:
+                tracker.rows(resumed)  # what finished before (a resumed run), unless it was logged then
+                quiet = progress is False or not distributed.is_writer()
+                bar = progress_bar(len(cfg.policies) * cfg.iterations * len(cfg.seeds), cfg.name, quiet)
+                stopped = []
+                for policy in cfg.policies:
+                    bar.set_description(f"{cfg.name}: {policy.label}", refresh=False)
+                    chains = [cfg.seeds] if vectorised(family) else [[s] for s in cfg.seeds]
+                    for seeds in chains:
+                        try:
+                            (run_batch if vectorised(family) else run_chain)(family, store, cfg, policy, seeds, bar, tracker)
+                        except ChainStopped as e:
+                            store.log(str(e))
+                            bar.write(str(e), file=sys.stderr)
+                            stopped.append(str(e))
+                bar.close()
+                if stopped:
+                    raise ChainStopped(f"{len(stopped)} chain(s) stopped on non-finite metrics; the first: {stopped[0]}")
             if resumed and store.appended:
                 store.reset_metrics(finished_rows(store, cfg, family))  # resumed units were appended after later ones
     return out
@@ -211,7 +214,7 @@ def check_finite(metrics: dict, where: str) -> None:
                                f"here rather than train later generations on a broken model's data")
 
 
-def run_chain(family, store: RunDir, cfg: ExperimentConfig, policy: Policy, seeds: list[int], bar) -> None:
+def run_chain(family, store: RunDir, cfg: ExperimentConfig, policy: Policy, seeds: list[int], bar, tracker: Tracker) -> None:
     """One seed's chain, a folder per generation (a batched family gets arrays of one seed)."""
     N, seed, label = cfg.iterations, seeds[0], policy.label
     if store.record(store.gen_dir(label, seed, N)) is not None:
@@ -264,6 +267,7 @@ def run_chain(family, store: RunDir, cfg: ExperimentConfig, policy: Policy, seed
             resources = {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": peak_rss_mb(), "processes": distributed.world_size()}
             atomic_write_json(gen_dir / "resources.json", resources)
         store.finish(gen_dir, rows)
+        tracker.rows(rows)
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         line = f"{label} seed {seed} gen {n}/{N}: {shown} ({time.perf_counter() - t0:.1f}s)"
         store.log(line)
@@ -332,7 +336,7 @@ SEEDS_AT_ONCE = 256  # seeds a vectorised unit computes together: enough to amor
 # a generation's arrays stay in cache (linreg, accumulate-subsample: 1.5x less CPU per seed than 2,000 at once)
 
 
-def run_batch(family, store: RunDir, cfg: ExperimentConfig, policy: Policy, seeds: list[int], bar) -> None:
+def run_batch(family, store: RunDir, cfg: ExperimentConfig, policy: Policy, seeds: list[int], bar, tracker: Tracker) -> None:
     """Every seed of one policy, SEEDS_AT_ONCE at a time: one unit of the run directory whose rows stream out
     as each generation of each group of seeds ends."""
     N, label, unit = cfg.iterations, policy.label, store.batch_dir(policy.label)
@@ -353,5 +357,6 @@ def run_batch(family, store: RunDir, cfg: ExperimentConfig, policy: Policy, seed
             (unit / f"seeds-{lo}").mkdir(parents=True, exist_ok=True)
             family.save_model(model, unit / f"seeds-{lo}")
     store.finish_batch(unit, label, seeds, arrays, SEEDS_AT_ONCE)
+    tracker.arrays(label, seeds, arrays)
     means = " ".join(f"{k}={np.nanmean(v[:, -1]):.4g}" for k, v in arrays.items() if not np.isnan(v[:, -1]).all())
     store.log(f"{label}: {len(seeds)} seeds x {N} iterations, last mean {means} ({time.perf_counter() - t0:.2f}s)")

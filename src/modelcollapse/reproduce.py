@@ -39,7 +39,7 @@ def describe(plan) -> str:
     return f"sweep {name}: {len(cells)} cells"
 
 
-def reproduce(scale: str, only: list[str] | None, out: Path) -> Path:
+def reproduce(scale: str, only: list[str] | None, out: Path, track: str | None = None) -> Path:
     from modelcollapse.loop import run_experiment
     from modelcollapse.report import write_report
 
@@ -53,9 +53,9 @@ def reproduce(scale: str, only: list[str] | None, out: Path) -> Path:
     for i, ((path, family), (_, plan)) in enumerate(zip(chosen, plans), 1):
         say(f"=== {family} ({i}/{len(plans)}): {scale}/{path.name}, {describe(plan)} -> {out / path.stem}")
         if isinstance(plan, configlib.ExperimentConfig):
-            run_experiment(plan, out / path.stem)
+            run_experiment(plan, out / path.stem, track=track)
         else:
-            failed += [c.name for c, status in run_sweep(path, out / path.stem) if status != "done"]
+            failed += [c.name for c, status in run_sweep(path, out / path.stem, track=track) if status != "done"]
     say(f"=== report of {len(chosen)} preset(s) -> {out / 'report'}")
     report = write_report([out / p.stem for p, _ in chosen], out / "report")
     if failed:

@@ -44,7 +44,7 @@ from pathlib import Path
 import tomli_w
 
 from modelcollapse import config as configlib
-from modelcollapse import paths
+from modelcollapse import paths, tracking
 from modelcollapse.errors import BadInput
 from modelcollapse.store import RunDir, RunView, atomic_write_bytes, atomic_write_json, now, read_json
 from modelcollapse.sweep_backends import Job, RayCluster, run_local
@@ -195,7 +195,7 @@ def sweep_lock(out: Path):
 
 
 def run_sweep(path: Path, out: Path, overrides: list[str] = (), workers: int | None = None, backend: str = "local",
-              address: str | None = None, progress: bool = True) -> list[tuple[Cell, str]]:
+              address: str | None = None, progress: bool = True, track: str | None = None) -> list[tuple[Cell, str]]:
     """Run every cell not done yet; a failed cell is recorded and the others go on. Returns (cell, status)
     pairs. Everything that makes it bad input is found before anything is written, so nothing needs undoing.
     On KeyboardInterrupt (Ctrl-C, or SIGTERM through the CLI) the running cells are stopped and recorded as
@@ -214,7 +214,7 @@ def run_sweep(path: Path, out: Path, overrides: list[str] = (), workers: int | N
         read_index(out / "sweep.json")
     for cell in cells:  # refuse foreign DIRs before any cell runs
         RunDir.check(out / cell.name, cell.config.hash())
-    env = {k: v for k, v in os.environ.items() if k.startswith("MODELCOLLAPSE_")}
+    env = {k: v for k, v in os.environ.items() if k.startswith("MODELCOLLAPSE_")} | tracking.sweep_env(track, name, out)
     jobs = [Job(c.name, str(out / c.config_file), str(out / c.name), str(out / c.log),
                 str(Path.cwd()), c.config.cpus, c.config.gpus, env) for c in cells]
     cluster = RayCluster(address, workers, jobs) if backend == "ray" else contextlib.nullcontext()
