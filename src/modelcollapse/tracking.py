@@ -30,6 +30,7 @@ of the run. The run directory stays the source of truth.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import importlib
@@ -84,7 +85,33 @@ def sweep_env(backend: str | None, name: str, out: Path) -> dict:
     """What a sweep adds to its cells' environment: the tool (`run` reads MODELCOLLAPSE_TRACK) and the sweep's group."""
     if backend is None:
         return {}
+    if backend == "mlflow":
+        shared_experiment(name)
     return {"MODELCOLLAPSE_TRACK": backend, GROUP_ENV: json.dumps(group(name, out, sweep=True))}
+
+
+def shared_experiment(name: str) -> None:
+    """Make the sweep's MLflow experiment before its cells start: cells creating it at once in a file store
+    make one experiment each under the same name. A failure here is the cells' to report, once each."""
+    with contextlib.suppress(Exception):
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
+        reachable(uri)
+        experiment(mlflow.MlflowClient(uri), os.environ.get("MLFLOW_EXPERIMENT_NAME") or name)
+
+
+def experiment(client, name: str) -> str:
+    """The id of the experiment `name`, made if there is none."""
+    import mlflow
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except mlflow.exceptions.MlflowException:  # another process made it first (a server's store refuses twins)
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def params(config: dict) -> dict:
@@ -277,14 +304,7 @@ class MLflow:
         reachable(uri)
         self.client = mlflow.MlflowClient(uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or state["group"]["name"]
-        found = self.client.get_experiment_by_name(name)
-        if found is None:
-            try:
-                self.experiment = self.client.create_experiment(name)
-            except mlflow.exceptions.MlflowException:  # another cell of the sweep made it first
-                self.experiment = self.client.get_experiment_by_name(name).experiment_id
-        else:
-            self.experiment = found.experiment_id
+        self.experiment = experiment(self.client, name)
         if "parent" in state:
             self.client.update_run(state["parent"], status="RUNNING")
         else:
