@@ -37,6 +37,21 @@ ATOM_VOCAB = (11, 2, 4, 3, 4, 2)
 N_PAIR_TYPES = 7
 
 
+@torch.no_grad()
+def init_modules(model: nn.Module, generator: torch.Generator) -> None:
+    """Every Linear, Embedding and LayerNorm of `model` drawn afresh from `generator` (never the global seed)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight, generator=generator)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=1.0, generator=generator)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 @dataclass
 class NetConfig:
     hidden: int = 64  # width of atom and edge features
@@ -162,16 +177,7 @@ class ConformerDiffusion(nn.Module):
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator) -> None:
         """A fresh draw of every weight from `generator` (the global torch seed is never used)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight, generator=generator)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=1.0, generator=generator)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_modules(self, generator)
         for head in (self.local_head, self.global_head):
             nn.init.zeros_(head.out[-1].weight)  # every prediction 0 at the start: the loss starts where zero's is
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .model import AtomEncoder, Batch, MessageLayer, N_PAIR_TYPES
+from .model import AtomEncoder, Batch, MessageLayer, N_PAIR_TYPES, init_modules
 
 
 STERIC_MARGIN = 0.4  # Å beyond RDKit's bond cut-off where the steric term starts to push atoms apart
@@ -175,16 +175,7 @@ class TorsionDiffusion(nn.Module):
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator) -> None:
         """A fresh draw of every weight from `generator` (the global torch seed is never used)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight, generator=generator)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=1.0, generator=generator)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_modules(self, generator)
         # every score 0 at the start: the loss starts at 1, not in the hundreds
         nn.init.zeros_(self.w_out[-1].weight)
         nn.init.zeros_(self.fourier[-1].weight)
