@@ -54,6 +54,7 @@ SCORES = {
 TEST_CHUNK = 1 << 22  # test-set entries drawn at once: bounds memory for thousands of seeds
 TEST_CACHE = 1 << 26  # bytes of test sets kept: a run's policies take the same groups of seeds in turn, and a
 # test set (kept as its d x d statistics) costs far less to keep than its n_test * (d + 1) draws cost to redraw
+TRUTH_CACHE = 1 << 27  # bytes of designs kept, for the same reason (2,000 seeds at T = 200, d = 20: 64 MiB)
 
 
 class Config(BaseModel):
@@ -95,6 +96,11 @@ class Design:
         if r not in self._chols:
             self._chols[r] = np.linalg.cholesky(self.prefix(r))
         return self._chols[r]
+
+    def take_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Each seed's design rows `rows` (S, k): (S, k, d) (one flat take, twice as fast as X[s, rows])."""
+        S, T, d = self.X.shape
+        return np.take(self.X.reshape(S * T, d), rows + T * np.arange(S)[:, None], axis=0)
 
     def gram(self, sizes) -> np.ndarray:
         """XᵀX of sets of rows cycling through the design, one set of each size in `sizes`, together: (S, d, d)."""
@@ -156,7 +162,7 @@ class Block:
         """X', the distinct inputs: (S, T', d)."""
         if self.inputs is None:
             return self.design.X[:, : self.n_inputs]
-        return self.design.X[np.arange(len(self.w))[:, None], self.inputs[:, : self.n_inputs]]
+        return self.design.take_rows(self.inputs[:, : self.n_inputs])
 
     def gram_inputs(self) -> np.ndarray:
         if self.inputs is None:
@@ -229,22 +235,36 @@ class Block:
 
 @dataclass(eq=False)
 class Rows:
-    """Explicit examples (what a subsample or a selection keeps): design rows (S, m), labels, which are real,
-    and their sums Σx·xᵀ and Σx·y, split into real and synthetic examples."""
+    """Explicit examples (what a subsample or a selection keeps): design rows (S, m), labels and which are real,
+    with their sums Σx·xᵀ, Σx·y and count over all of them; over the real ones alone only when a weighted fit
+    asks (most fits do not, and it would double the work)."""
 
+    design: Design
     rows: np.ndarray  # (S, m)
     y: np.ndarray  # (S, m)
     real: np.ndarray  # (S, m) bool
-    stats: dict  # "real"/"syn" -> (G (S, d, d), h (S, d), count (S,))
+    total: tuple  # (G (S, d, d), h (S, d), count (S,)) over every example
+    _real: tuple | None = None
 
     @classmethod
-    def of(cls, rows: np.ndarray, x: np.ndarray, y: np.ndarray, real: np.ndarray) -> "Rows":
-        stats = {}
-        for side, mask in (("real", real), ("syn", ~real)):
-            if mask.any():
-                xm = x * mask[..., None]
-                stats[side] = (xm.swapaxes(1, 2) @ x, (xm.swapaxes(1, 2) @ y[..., None])[..., 0], mask.sum(1))
-        return cls(rows, y, real, stats)
+    def of(cls, design: Design, rows: np.ndarray, x: np.ndarray, y: np.ndarray, real: np.ndarray) -> "Rows":
+        return cls(design, rows, y, real, _moments(x, y, np.ones(rows.shape, dtype=bool)))
+
+    def split(self) -> dict:
+        """{"real"/"syn": (G, h, count)}: the real examples' sums, and the rest."""
+        if self._real is None:
+            x = self.design.take_rows(self.rows)
+            self._real = _moments(x, self.y, self.real)
+        return {"real": self._real, "syn": tuple(a - b for a, b in zip(self.total, self._real))}
+
+
+def _moments(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> tuple:
+    """Σx·xᵀ (S, d, d), Σx·y (S, d) and the count (S,) over the examples `mask` keeps."""
+    if mask.all():
+        xt = x.swapaxes(1, 2)
+    else:
+        xt = (x * mask[..., None]).swapaxes(1, 2)
+    return xt @ x, (xt @ y[..., None])[..., 0], mask.sum(1).astype(float)
 
 
 @dataclass
@@ -267,7 +287,7 @@ class Labels:
         s = np.arange(S)[:, None]
         if getattr(self, "_all", None) is not None:
             rows, y, real = (np.take_along_axis(a, positions, 1) for a in self._all)
-            return rows, self.design.X[s, rows], y, real
+            return rows, self.design.take_rows(rows), y, real
         sizes = np.array([b.size for b in self.blocks], dtype=np.int64)
         gen_total = int(sizes.sum())
         gen = positions < gen_total
@@ -279,7 +299,7 @@ class Labels:
             for name, arr in (("rows", rows), ("y", y), ("real", real)):
                 arr[...] = np.take_along_axis(np.concatenate([getattr(p, name) for p in self.parts], axis=1), extra, 1)
         if not self.blocks:
-            return rows, self.design.X[s, rows], y, real
+            return rows, self.design.take_rows(rows), y, real
         if (sizes == sizes[0]).all():  # a pool of equal labellings: the block is a division
             b = np.minimum(positions // sizes[0], len(sizes) - 1)
         else:
@@ -291,18 +311,19 @@ class Labels:
             mask = b == j
             block_rows = np.where(mask, self.blocks[j].rows_at(np.where(mask, i, 0)), block_rows)
         rows = np.where(gen, block_rows, rows)
-        x = self.design.X[s, rows]  # (S, k, d)
+        x = self.design.take_rows(rows)  # (S, k, d)
         if len(self.blocks) == 1:
             block_y = self.blocks[0].labels_at(i, x)
         else:  # vectorised over the pool: every block's labels by one formula (see Block)
             period = np.array([bl.period for bl in self.blocks])[b]
             r = i % period
             k = np.maximum(sizes[b] // period + (r < sizes[b] % period), 1)
-            v = np.stack([bl.v for bl in self.blocks], axis=1)[s, b]  # (S, k, d)
-            point = np.stack([bl.point_keys for bl in self.blocks], axis=1)[s, b]
+            flat = b + len(self.blocks) * s  # (seed, block) in the blocks' stacked arrays, flattened
+            v = np.take(np.stack([bl.v for bl in self.blocks], axis=1).reshape(-1, d), flat, axis=0)  # (S, k, d)
+            point = np.stack([bl.point_keys for bl in self.blocks], axis=1).reshape(-1)[flat]
             block_y = np.einsum("skd,skd->sk", x, v) + self.blocks[0].sigma * normal_at(point, r) / np.sqrt(k)
             if k.max() > 1:
-                keys = np.stack([bl.keys for bl in self.blocks], axis=1)[s, b]
+                keys = np.stack([bl.keys for bl in self.blocks], axis=1).reshape(-1)[flat]
                 block_y = block_y + self.blocks[0].sigma * copy_deviation(keys, i, sizes[b], period)
         y = np.where(gen, block_y, y)
         real = np.where(gen, np.array([bl.real for bl in self.blocks])[b], real)
@@ -318,14 +339,16 @@ class Labels:
         else:
             rows, _, y, real = self.labels_at(np.broadcast_to(np.arange(self.n), (S, self.n)))
         self._all = (rows, y, real)
-        return rows, self.design.X[np.arange(S)[:, None], rows], y
+        return rows, self.design.take_rows(rows), y
 
-    def sums(self) -> dict:
-        """Σx·xᵀ, Σx·y and the count of its real and of its synthetic examples: {"real"/"syn": (G, h, n)}."""
+    def sums(self, split: bool = True) -> dict:
+        """Σx·xᵀ, Σx·y and the count of its real and of its synthetic examples: {"real"/"syn": (G, h, n)};
+        of all of them together, {"all": (G, h, n)}, when not `split`."""
         S, T, d = self.design.X.shape
-        out = {side: [np.zeros((S, d, d)), np.zeros((S, d)), np.zeros(S)] for side in ("real", "syn")}
-        for real, group in ((True, [b for b in self.blocks if b.real]), (False, [b for b in self.blocks if not b.real])):
-            side = out["real" if real else "syn"]
+        out = {side: [np.zeros((S, d, d)), np.zeros((S, d)), np.zeros(S)] for side in (("real", "syn") if split else ("all",))}
+        for side_name in out:
+            side = out[side_name]
+            group = [b for b in self.blocks if side_name == "all" or b.real == (side_name == "real")]
             shared = [b.size for b in group if b.inputs is None]
             if shared:
                 side[0] = side[0] + self.design.gram(shared)
@@ -334,9 +357,8 @@ class Labels:
                     side[0] = side[0] + b.G
                 side[1] = side[1] + b.H
                 side[2] = side[2] + b.size
-        for part in self.parts:
-            for name, (G, h, count) in part.stats.items():
-                side = out[name]
+            for part in self.parts:
+                G, h, count = part.split()[side_name] if split else part.total
                 side[0], side[1], side[2] = side[0] + G, side[1] + h, side[2] + count
         return out
 
@@ -397,7 +419,8 @@ class Family:
             T, d = self.config.T, self.config.d
             X = normal(stream_keys(seeds, "linreg", "design"), T * d).reshape(len(seeds), T, d)
             w_star = normal(stream_keys(seeds, "linreg", "w_star"), d) / np.sqrt(d)
-            self._truths = {key: (Design(seeds, X), w_star)}
+            _keep_within(self._truths, TRUTH_CACHE, X.nbytes)
+            self._truths[key] = (Design(seeds, X), w_star)
         return self._truths[key]
 
     def test_set(self, seeds: np.ndarray, w_star: np.ndarray) -> TestSet:
@@ -424,8 +447,7 @@ class Family:
             key = seeds.tobytes()
             if key not in self._tests:
                 test = self.test_set(seeds, w_star)
-                while self._tests and (len(self._tests) + 1) * test.A.nbytes > TEST_CACHE:
-                    del self._tests[next(iter(self._tests))]  # the oldest
+                _keep_within(self._tests, TEST_CACHE, test.A.nbytes)
                 self._tests[key] = test
             return self._tests[key]
         # the fixed design: further real draws (the `fresh` policy) relabel the same X with fresh noise
@@ -441,7 +463,7 @@ class Family:
     def take(self, data: Labels, indices: np.ndarray) -> Labels:
         """The examples at `indices` (S, m) of each seed's set, in that order."""
         rows, x, y, real = data.labels_at(np.asarray(indices, dtype=np.int64))
-        return Labels(data.design, [], [Rows.of(rows, x, y, real)])
+        return Labels(data.design, [], [Rows.of(data.design, rows, x, y, real)])
 
     def subsample(self, data: Labels, size: int, seed) -> Labels:
         return self.take(data, choose(seed, data.n, size))
@@ -449,15 +471,16 @@ class Family:
     def fit(self, train: Labels, seed, workdir: Path | None, real_weight: float | None = None) -> Fitted:
         """OLS; with `real_weight` w, weighted least squares in which the real examples carry a share w of the
         loss and the synthetic ones 1 − w, whatever their counts (unweighted where a set lacks either)."""
-        sums = train.sums()
-        (G_r, h_r, n_r), (G_s, h_s, n_s) = sums["real"], sums["syn"]
-        a = b = np.ones(len(n_r))
-        if real_weight is not None:
+        if real_weight is None:
+            G, h, _ = train.sums(split=False)["all"]
+        else:
+            sums = train.sums()
+            (G_r, h_r, n_r), (G_s, h_s, n_s) = sums["real"], sums["syn"]
             both = (n_r > 0) & (n_s > 0)
             a = np.where(both, real_weight / np.maximum(n_r, 1), 1.0)
             b = np.where(both, (1 - real_weight) / np.maximum(n_s, 1), 1.0)
-        G = a[:, None, None] * G_r + b[:, None, None] * G_s
-        h = a[:, None] * h_r + b[:, None] * h_s
+            G = a[:, None, None] * G_r + b[:, None, None] * G_s
+            h = a[:, None] * h_r + b[:, None] * h_s
         return Fitted(np.linalg.solve(G, h[..., None])[..., 0])
 
     def evaluate(self, model: Fitted, test: TestSet, seed, workdir: Path | None) -> dict[str, np.ndarray]:
@@ -506,6 +529,13 @@ class Family:
         return Fitted(np.load(Path(workdir) / "w_hat.npy"))
 
 
+def _keep_within(cache: dict, budget: int, entry: int) -> None:
+    """Drop a cache's oldest entries until one more of `entry` bytes fits in `budget` (an entry too large for
+    it alone is still kept: it is the one in use)."""
+    while cache and (len(cache) + 1) * entry > budget:
+        del cache[next(iter(cache))]
+
+
 def _save_npz(path: Path, **arrays) -> None:
     import io
 
@@ -516,10 +546,11 @@ def _save_npz(path: Path, **arrays) -> None:
 
 def memory_estimate(config: Config, seeds: int, iterations: int, vectorised: bool) -> int:
     """Bytes a run holds at its peak: the designs and the temporaries of a subsample (~4 copies of S·T·d),
-    per-seed matrices, a few arrays per labelling in the pool, and the test set's and choose's buffers."""
+    per-seed matrices, a few arrays per labelling in the pool, the caches of designs and test sets, and choose's
+    buffer."""
     S = seeds if vectorised else 1
     T, d = config.T, config.d
-    return 8 * (4 * S * T * d + 8 * S * d * d + 4 * S * d * iterations + S * iterations) + (1 << 27)
+    return 8 * (4 * S * T * d + 8 * S * d * d + 4 * S * d * iterations + S * iterations) + TRUTH_CACHE + TEST_CACHE + (1 << 26)
 
 
 def theory(config: Config, policy, iterations: int) -> dict[str, np.ndarray] | None:
