@@ -135,6 +135,7 @@ class Block:
     H: np.ndarray = None  # (S, d) Σ x·y over its examples
     G: np.ndarray = None  # (S, d, d) Σ x·xᵀ over its examples (kept only for blocks with their own inputs)
     _a: np.ndarray | None = None  # (S, d), drawn when first needed
+    _point: np.ndarray | None = None  # (S, T') the per-input normals, kept once a subsample of it needed them
 
     def __post_init__(self):
         S, T, d = self.design.X.shape
@@ -188,7 +189,7 @@ class Block:
             else:
                 X = self.x_inputs()
                 u = normal(subkeys(self.keys, "u"), d)
-                eta = normal(subkeys(self.keys, "eta"), self.n_inputs)
+                eta = self._point if self._point is not None else normal(self.point_keys, self.n_inputs)
                 rhs = self.chol() @ u[..., None] - X.swapaxes(1, 2) @ eta[..., None]
                 self._a = np.linalg.solve(self.gram_inputs(), rhs)[..., 0]
         return self._a
@@ -224,10 +225,14 @@ class Block:
         return rows, y
 
     def labels_at(self, i: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """Labels of its examples i (S, k), whose inputs are x (S, k, d)."""
+        """Labels of its examples i (S, k), whose inputs are x (S, k, d). The per-input normals are drawn whole
+        and kept: a projected block needs them all for `a` anyway, and the real data is subsampled again every
+        generation (mix)."""
         r = i % self.period
         k = np.maximum(self.size // self.period + (r < self.size % self.period), 1)
-        y = np.einsum("skd,sd->sk", x, self.v) + self.sigma * normal_at(self.point_keys[:, None], r) / np.sqrt(k)
+        if self._point is None:
+            self._point = normal(self.point_keys, self.n_inputs)
+        y = np.einsum("skd,sd->sk", x, self.v) + self.sigma * np.take_along_axis(self._point, r, 1) / np.sqrt(k)
         if k.max() > 1:
             y = y + self.sigma * copy_deviation(self.keys[:, None], i, self.size, self.period)
         return y
@@ -313,7 +318,7 @@ class Labels:
         rows = np.where(gen, block_rows, rows)
         x = self.design.take_rows(rows)  # (S, k, d)
         if len(self.blocks) == 1:
-            block_y = self.blocks[0].labels_at(i, x)
+            block_y = self.blocks[0].labels_at(np.where(gen, i, 0), x)  # positions past it are the explicit parts
         else:  # vectorised over the pool: every block's labels by one formula (see Block)
             period = np.array([bl.period for bl in self.blocks])[b]
             r = i % period
