@@ -131,8 +131,8 @@ def one_round(family: str, cfg: Path, reference: bytes, duration: float, out: Pa
     return rnd
 
 
-def run(families: list[str], rounds: int, out: Path, seed: int = 0, log=print) -> list[Round]:
-    """`rounds` rounds per family; returns every round (see the module docstring)."""
+def run(families: list[str], rounds: int, out: Path, seed: int = 0, log=print, max_faults: int = 6) -> list[Round]:
+    """`rounds` rounds per family, each of up to `max_faults` faults; returns every round (module docstring)."""
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -146,7 +146,7 @@ def run(families: list[str], rounds: int, out: Path, seed: int = 0, log=print) -
         duration = time.perf_counter() - t0
         reference = (out / f"{family}-reference" / "metrics.jsonl").read_bytes()
         for i in range(rounds):
-            rnd = one_round(family, cfg, reference, duration, out / f"{family}-{i}", rng)
+            rnd = one_round(family, cfg, reference, duration, out / f"{family}-{i}", rng, max_faults)
             results.append(rnd)
             log(json.dumps({"family": rnd.family, "round": i, "outcome": rnd.outcome, "faults": rnd.faults,
                             "moved": rnd.moved, "detail": rnd.detail}))
