@@ -328,7 +328,9 @@ def simulate(family, policy: Policy, seeds: list[int], iterations: int, select=N
     out = {}
     for n, metrics, _ in batch_chain(family, policy, seeds, iterations, select, real_weight):
         for k, v in metrics.items():  # NaN where a metric has no value (a selection's, after the last model)
-            out.setdefault(k, np.full((len(seeds), iterations), np.nan))[:, n - 1] = v
+            if k not in out:
+                out[k] = np.full((len(seeds), iterations), np.nan)
+            out[k][:, n - 1] = v
     return out
 
 
@@ -350,7 +352,9 @@ def run_batch(family, store: RunDir, cfg: ExperimentConfig, policy: Policy, seed
         for n, metrics, model in batch_chain(family, policy, group, N, cfg.selection(policy), cfg.weight(policy)):
             check_finite(metrics, f"{label} gen {n} (seeds {group[0]}..{group[-1]})")
             for k, v in metrics.items():  # NaN where a metric has no value (a selection's, after the last model)
-                arrays.setdefault(k, np.full((len(seeds), N), np.nan))[lo : lo + len(group), n - 1] = v
+                if k not in arrays:
+                    arrays[k] = np.full((len(seeds), N), np.nan)
+                arrays[k][lo : lo + len(group), n - 1] = v
             store.append(batch_lines(label, group, n, {k: v.tolist() for k, v in metrics.items()}))
             bar.update(len(group))
         if store.writer:  # the last generation's models, a folder per group of seeds

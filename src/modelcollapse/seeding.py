@@ -16,6 +16,7 @@ Two kinds of stream:
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import numpy as np
 
@@ -104,6 +105,16 @@ def normal(keys: np.ndarray, n: int) -> np.ndarray:
 
 
 CHOOSE_CHUNK = 1 << 24  # index entries held at once by `choose` (64 MiB of int32)
+_IDENTITY = threading.local()  # choose's index buffer, lent to one call at a time per thread
+
+
+def _identity(rows: int, population: int, dtype) -> np.ndarray:
+    """A (rows, population) buffer of arange(population) in every row: the last call's, if it was of this
+    shape and was given back (a call that raised never gives it back, so no stale swaps survive)."""
+    held = _IDENTITY.__dict__.pop("buffer", None)
+    if held is None or held.shape != (rows, population) or held.dtype != dtype:
+        held = np.broadcast_to(np.arange(population, dtype=dtype), (rows, population)).copy()
+    return held
 
 
 def choose(keys: np.ndarray, population: int, k: int) -> np.ndarray:
@@ -121,7 +132,7 @@ def choose(keys: np.ndarray, population: int, k: int) -> np.ndarray:
     j = steps + np.minimum((u * (population - steps)).astype(np.int64), population - 1 - steps)  # (S, k) in [i, population)
     out = np.empty((len(keys), k), dtype=np.int64)
     chunk = max(1, min(len(keys), CHOOSE_CHUNK // max(population, 1)))
-    idx = np.broadcast_to(np.arange(population, dtype=dtype), (chunk, population)).copy()
+    idx = _identity(chunk, population, dtype)
     for lo in range(0, len(keys), chunk):
         n = min(chunk, len(keys) - lo)
         rows, jj = np.arange(n), j[lo : lo + n]
@@ -132,4 +143,5 @@ def choose(keys: np.ndarray, population: int, k: int) -> np.ndarray:
         out[lo : lo + n] = idx[:n, :k]
         idx[rows[:, None], jj] = jj  # put back what this chunk moved: positions < k and the j's
         idx[:n, :k] = np.arange(k, dtype=dtype)
+    _IDENTITY.buffer = idx  # as it was lent: the identity in every row
     return out

@@ -117,8 +117,8 @@ def row_line(policy: str, seed: int, iteration: int, metric: str, value: float) 
 def batch_lines(policy: str, seeds: list[int], iteration: int, metrics: dict[str, list[float]]) -> list[str]:
     """The lines of one generation of a vectorised policy: seed by seed, each seed's metrics in order."""
     head = f'{{"policy": {json.dumps(policy)}, "seed": '
-    names = {m: f', "iteration": {iteration}, "metric": {json.dumps(m)}, "value": ' for m in metrics}
-    return [f"{head}{s}{names[m]}{metrics[m][i]!r}}}" for i, s in enumerate(seeds) for m in metrics]
+    tails = [(f', "iteration": {iteration}, "metric": {json.dumps(m)}, "value": ', list(map(repr, v))) for m, v in metrics.items()]
+    return [f"{head}{s}{name}{values[i]}}}" for i, s in enumerate(seeds) for name, values in tails]
 
 
 class RunDir:

@@ -83,6 +83,7 @@ class Design:
     X: np.ndarray  # (S, T, d)
     _grams: dict = field(default_factory=dict)
     _chols: dict = field(default_factory=dict)
+    _inverses: dict = field(default_factory=dict)
 
     def prefix(self, r: int) -> np.ndarray:
         """XᵀX of the first r rows: (S, d, d)."""
@@ -97,6 +98,13 @@ class Design:
             self._chols[r] = np.linalg.cholesky(self.prefix(r))
         return self._chols[r]
 
+    def inverse(self, r: int) -> np.ndarray:
+        """(XᵀX)⁻¹ of the first r rows (r ≥ d): a policy that trains on whole passes through the design solves
+        with the same matrix every generation, and a product is ten times cheaper than a solve."""
+        if r not in self._inverses:
+            self._inverses[r] = np.linalg.inv(self.prefix(r))
+        return self._inverses[r]
+
     def take_rows(self, rows: np.ndarray) -> np.ndarray:
         """Each seed's design rows `rows` (S, k): (S, k, d) (one flat take, twice as fast as X[s, rows])."""
         S, T, d = self.X.shape
@@ -107,6 +115,8 @@ class Design:
         T = self.X.shape[1]
         q, r = np.divmod(np.asarray(sizes, dtype=np.int64).reshape(-1), T)
         total = q.sum() * self.prefix(T)
+        if not r.any():
+            return total
         for rem, count in zip(*np.unique(r[r > 0], return_counts=True)):
             total = total + count * self.prefix(int(rem))
         return total
@@ -191,7 +201,10 @@ class Block:
                 u = normal(subkeys(self.keys, "u"), d)
                 eta = self._point if self._point is not None else normal(self.point_keys, self.n_inputs)
                 rhs = self.chol() @ u[..., None] - X.swapaxes(1, 2) @ eta[..., None]
-                self._a = np.linalg.solve(self.gram_inputs(), rhs)[..., 0]
+                if self.inputs is None:
+                    self._a = (self.design.inverse(self.n_inputs) @ rhs)[..., 0]
+                else:
+                    self._a = np.linalg.solve(self.gram_inputs(), rhs)[..., 0]
         return self._a
 
     @property
@@ -476,6 +489,11 @@ class Family:
     def fit(self, train: Labels, seed, workdir: Path | None, real_weight: float | None = None) -> Fitted:
         """OLS; with `real_weight` w, weighted least squares in which the real examples carry a share w of the
         loss and the synthetic ones 1 − w, whatever their counts (unweighted where a set lacks either)."""
+        T = train.design.X.shape[1]
+        if real_weight is None and not train.parts and all(b.inputs is None and b.size % T == 0 for b in train.blocks):
+            passes = sum(b.size for b in train.blocks) // T  # G = passes · XᵀX
+            h = sum(b.H for b in train.blocks)
+            return Fitted((train.design.inverse(T) @ h[..., None])[..., 0] / passes)
         if real_weight is None:
             G, h, _ = train.sums(split=False)["all"]
         else:
@@ -490,7 +508,8 @@ class Family:
 
     def evaluate(self, model: Fitted, test: TestSet, seed, workdir: Path | None) -> dict[str, np.ndarray]:
         w = model.w_hat_
-        mse = (np.einsum("sd,sde,se->s", w, test.A, w) - 2 * np.einsum("sd,sd->s", w, test.b) + test.c) / test.m
+        Aw = (test.A @ w[..., None])[..., 0]
+        mse = (np.einsum("sd,sd->s", w, Aw) - 2 * np.einsum("sd,sd->s", w, test.b) + test.c) / test.m
         return {"test_error": np.sum((w - test.w_star) ** 2, axis=-1), "test_mse_excess": mse - self.config.sigma2}
 
     def sample(self, model: Fitted, size: int, like: Labels, seed, workdir: Path | None) -> Labels:
