@@ -16,8 +16,9 @@ metric definitions as text), `figures`, `tables`, `doc` (index.html and summary.
 """
 
 from .figures import colors_for, draw_baselines, draw_panel, panels, save
-from .runs import Run, mean_ci
+from .runs import Run, mean_ci, theory_for
 from .sections import write_report
 from .words import groups, seeds_phrase
 
-__all__ = ["Run", "colors_for", "draw_baselines", "draw_panel", "groups", "mean_ci", "panels", "save", "seeds_phrase", "write_report"]
+__all__ = ["Run", "colors_for", "draw_baselines", "draw_panel", "groups", "mean_ci", "panels", "save", "seeds_phrase",
+           "theory_for", "write_report"]
