@@ -25,7 +25,7 @@ def test_preset_loads(path):
 
 # The quick presets that run in seconds; the LM, VAE and conformer ones take minutes each and are checked by
 # `python -m modelcollapse.testing.presets lm vae conformer`, with the same code.
-CHEAP = ["gaussian.toml", "categorical.toml", "kde.toml"]
+CHEAP = ["gaussian.toml", "categorical.toml", "kde.toml", "linreg-fig7.toml", "linreg-loop.toml"]
 
 
 @pytest.mark.parametrize("name", CHEAP)

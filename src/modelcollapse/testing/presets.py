@@ -95,6 +95,17 @@ STATED = {
     "kde.toml": Stated((
         Phrase("on moons at iteration 20, {}, {} and {} nats", tuple(Figure("test_nll", p, 20, 3, ci=True) for p in _THREE)),
     ), cell={"kde.dataset": "moons"}),
+    "linreg-fig7.toml": Stated((
+        Phrase("at T = 50 and iteration 20, test_error {} (exact 5.13) for replace, {} (0.409) for accumulate and {} (0.922) "
+               "for replace-grown", tuple(Figure("test_error", p, 20, 3, ci=True) for p in ("replace", "accumulate", "replace-grown"))),
+    ), cell={"linreg.T": 50}),
+    "linreg-loop.toml": Stated((
+        Phrase("From {} at iteration 1", (Figure("test_error", "replace", 1, 3, ci=True),)),
+        Phrase("test_error at iteration 8 is {} (exact 2.05) for replace, {} (0.392) for accumulate, {} (0.697) for "
+               "replace-grown, {} for accumulate-subsample, {} for mix-0.5 and {} for fresh-0.5",
+               tuple(Figure("test_error", p, 8, 3, ci=True)
+                     for p in ("replace", "accumulate", "replace-grown", "accumulate-subsample", "mix-0.5", "fresh-0.5"))),
+    )),
     "lm.toml": Stated((
         Phrase("replace rises {} → {} → {}", chain("test_ce", "replace", range(1, 4), 4)),
         Phrase("accumulate stays below iteration 1, {} → {} → {}", chain("test_ce", "accumulate", range(1, 4), 4)),
