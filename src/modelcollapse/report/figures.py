@@ -17,13 +17,8 @@ import numpy as np  # noqa: E402
 from .runs import Run, SweepDir, family_extras, mean_ci, theory_for  # noqa: E402
 from .words import group_key, unit_of  # noqa: E402
 
-
 FEW_SEEDS = 3
-
-
 THEORY = dict(ls=(0, (4, 2)), lw=1.6, zorder=4)  # dashed, above the data lines, so a theory that fits still shows
-
-
 BASELINE_COLOURS = ("#7f7f7f", "#8c564b", "#e377c2", "#bcbd22")
 
 
