@@ -116,10 +116,9 @@ STATED = {
         Phrase("accumulate's test_nelbo {} → {} → {}", chain("test_nelbo", "accumulate", range(1, 4), 3)),
     )),
     "conformer.toml": Stated((
-        Phrase("test_loss replace {} / {} / {}", chain("test_loss", "replace", range(1, 4), 3)),
-        Phrase("accumulate {} / {} / {}", chain("test_loss", "accumulate", range(1, 4), 3)),
-        Phrase("rdkit_valid_frac {} / {} / {} under replace and {} / {} / {} under accumulate",
-               chain("rdkit_valid_frac", "replace", range(1, 4), 3) + chain("rdkit_valid_frac", "accumulate", range(1, 4), 3)),
+        *(Phrase(f"{metric} replace {{}} / {{}} / {{}}, accumulate {{}} / {{}} / {{}}",
+                 chain(metric, "replace", range(1, 4), 3) + chain(metric, "accumulate", range(1, 4), 3))
+          for metric in ("test_loss", "rdkit_valid_frac")),
     )),
 }
 
