@@ -31,11 +31,11 @@ NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?"
 
 @dataclass(frozen=True)
 class Figure:
-    """A metric of a policy at an iteration (None: the run's last), as a header states it."""
+    """A metric of a policy at an iteration, as a header states it."""
 
     metric: str
     policy: str
-    iteration: int | None = None
+    iteration: int
     digits: int = 3
     ci: bool = False  # mean ± 95% CI half-width, else the mean alone
 
@@ -46,15 +46,14 @@ class Figure:
         """The run's figure, formatted as the header states it."""
         from modelcollapse.report import mean_ci
 
-        last = self.iteration or max(r["iteration"] for r in rows)
-        values = [r["value"] for r in rows if (r["metric"], r["policy"], r["iteration"]) == (self.metric, self.policy, last)]
+        values = [r["value"] for r in rows if (r["metric"], r["policy"], r["iteration"]) == (self.metric, self.policy, self.iteration)]
         if not values:
             return "nothing"
         m, h = mean_ci(values)
         return significant(m, self.digits) + (f" ± {significant(h, 2)}" if self.ci else "")
 
     def describe(self) -> str:
-        return f"{self.metric} of {self.policy} at iteration {self.iteration or 'last'}"
+        return f"{self.metric} of {self.policy} at iteration {self.iteration}"
 
 
 def significant(x: float, digits: int) -> str:
@@ -69,6 +68,11 @@ class Phrase:
     text: str
     figures: tuple[Figure, ...]
 
+    def pattern(self) -> str:
+        """The phrase as a regular expression with a group where each figure stands."""
+        words = [re.escape(w) for w in " ".join(self.text.split()).split("{}")]
+        return words[0] + "".join(f.pattern() + w for f, w in zip(self.figures, words[1:]))
+
 
 @dataclass(frozen=True)
 class Stated:
@@ -77,6 +81,7 @@ class Stated:
 
 
 def chain(metric: str, policy: str, iterations: range, digits: int) -> tuple[Figure, ...]:
+    """The means of one metric and policy over consecutive iterations (one seed: "5.168 → 5.601 → 5.662")."""
     return tuple(Figure(metric, policy, i, digits) for i in iterations)
 
 
@@ -137,8 +142,7 @@ def compare(name: str, text: str, rows: list[dict]) -> list[str]:
     """A line per figure of STATED[name] that the header `text` states differently from the run's `rows`."""
     lines = []
     for phrase in STATED[name].phrases:
-        words = " ".join(phrase.text.split()).split("{}")
-        found = re.search("".join(re.escape(w) + (f.pattern() if f else "") for w, f in zip(words, (*phrase.figures, None))), text)
+        found = re.search(phrase.pattern(), text)
         if found is None:
             said = phrase.text.format(*(f.printed(rows) for f in phrase.figures))
             lines.append(f"{name}: the header lacks the phrase {phrase.text!r}; this run prints {said!r}")
