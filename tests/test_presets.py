@@ -1,4 +1,5 @@
-"""Every shipped preset (configs/<scale>/ and configs/sweeps/) is a valid config or sweep file."""
+"""Every shipped preset (configs/<scale>/ and configs/sweeps/) is a valid config or sweep file, and the cheap
+quick presets' headers state what they print."""
 
 from pathlib import Path
 
