@@ -26,6 +26,10 @@ iterative fine-tuning; generation 1 starts from `base`, or from scratch without 
   transformers) or adapter/ (LoRA adapters, lora.py), tokenizer.json, samples.txt and samples.json (20
   stories sampled by evaluate), sample_ppl.npy (every evaluated story's perplexity), and sample/ (the
   synthetic set for the next generation).
+- Selection and weighting (selection.py): SCORES are `perplexity` (under generation 1's model, the base or a
+  saved generation: `select_model`) and `length`; a selection keeps whole stories (`take`, `example_sizes`)
+  up to the synthetic size in tokens. `real_weight` weights each predicted token's loss (train.fit), so the
+  real stories carry that share of it.
 - Data-parallel: under torchrun or `--nproc N` each generation trains with DistributedDataParallel and its
   synthetic set is sampled in shards across the ranks (train.py); the diversity samples are rank 0's.
 """
