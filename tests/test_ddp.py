@@ -175,7 +175,7 @@ def test_two_processes_match_one(runs, tmp_path):
     # copy without generation 2 in one process
     resumed = tmp_path / "resumed"
     shutil.copytree(two, resumed)
-    for policy in POLICIES:  # with a real weight's per-token loss weights split over the ranks as the targets do
+    for policy in POLICIES:  # the weighted one too: its per-token loss weights split over the ranks with the targets
         shutil.rmtree(resumed / policy / "seed-0" / "gen-2")
     run_experiment(runs.cfg, resumed, progress=False)
     c = ce_of(resumed)
