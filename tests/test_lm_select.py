@@ -13,6 +13,7 @@ from modelcollapse.errors import BadInput, RunFailed
 from modelcollapse.families import common
 from modelcollapse.families.lm import Config, Family
 from modelcollapse.families.lm import train as loops
+from modelcollapse.families.lm.model import weighted_ce
 from modelcollapse.families.lm.shards import TokenSet, write_shard
 from modelcollapse.loop import run_experiment
 from modelcollapse.selection import SelectSpec, select_grouped
@@ -133,6 +134,7 @@ def test_real_weight_reaches_every_target_and_the_loss(briefly_trained):
             * w.reshape(-1)).sum() / (y >= 0).sum()
     want.backward()
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert weighted_ce(logits.reshape(-1, logits.size(-1)), y, w).item() == pytest.approx(want.item(), rel=1e-5)  # CUDA's and transformers' path
     assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, model.parameters()))
     model.zero_grad()
 
