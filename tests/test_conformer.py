@@ -301,6 +301,29 @@ def test_concat_and_subsample_count_conformers(family):
     assert all(len(p) == sub.graphs[g].n_atoms for g, p in zip(sub.graph_idx, sub.pos))
 
 
+def test_selection_scores_prefer_sound_conformers(family):
+    """rdkit_valid and bond_length_dev (issue 13): the real conformers are sound; the same ones with one heavy
+    atom pulled 1 Å away along its bond are not, and an input's top-fraction keeps its sound candidate."""
+    from modelcollapse.selection import SelectSpec, select
+
+    train = family.real_data("train", 0)
+    broken = [p.copy() for p in train.pos]
+    for g, p in zip(train.graph_idx, broken):
+        graph = train.graphs[g]
+        bond = graph.heavy_mol.GetBondWithIdx(0)
+        i, j = (int(graph.heavy[k]) for k in (bond.GetBeginAtomIdx(), bond.GetEndAtomIdx()))
+        p[j] += (p[j] - p[i]) / np.linalg.norm(p[j] - p[i])  # the bond 1 Å longer
+    candidates = family.concat([train, D.ConformerSet(train.graphs, train.graph_idx, broken)])
+    valid = family.score(candidates, "rdkit_valid", None, None, 0)
+    dev = family.score(candidates, "bond_length_dev", None, None, 0)
+    n = len(train)
+    assert (valid[:n] == 1).all() and (valid[n:] == 0).all()
+    assert dev[:n].min() > -0.05 and (dev[n:] < dev[:n]).all()
+    for scores in (valid, dev):
+        kept, _ = select(scores[None], n, SelectSpec(name="top-fraction", score="x", oversample=2), np.zeros(1, np.uint64), per_input=True)
+        assert kept[0].tolist() == list(range(n))  # each conformer's real version, not its broken copy
+
+
 # -- torsions -------------------------------------------------------------------------------------------------
 def test_torsions_get_and_set_round_trip_on_a_real_molecule():
     mol, pos = embedded("CC(C)Cc1ccc([C@H](C)C(=O)O)cc1", 1)  # ibuprofen: 4 rotatable bonds

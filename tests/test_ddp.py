@@ -33,11 +33,12 @@ from modelcollapse.seeding import stream_seed
 from modelcollapse.store import read_metrics
 
 TOL = 5e-6  # nats per token; see the module docstring
+POLICIES = ("replace", "accumulate", "accumulate+w0.3")
 
 CONFIG = """
 name = "ddp-tiny"
 family = "lm"
-policies = ["replace", "accumulate"]
+policies = ["replace", "accumulate", {name = "accumulate", real_weight = 0.3}]
 iterations = 2
 seeds = 1
 device = "cpu"
@@ -174,11 +175,11 @@ def test_two_processes_match_one(runs, tmp_path):
     # copy without generation 2 in one process
     resumed = tmp_path / "resumed"
     shutil.copytree(two, resumed)
-    for policy in ("replace", "accumulate"):
+    for policy in POLICIES:  # the weighted one too: its per-token loss weights split over the ranks with the targets
         shutil.rmtree(resumed / policy / "seed-0" / "gen-2")
     run_experiment(runs.cfg, resumed, progress=False)
     c = ce_of(resumed)
-    for policy in ("replace", "accumulate"):
+    for policy in POLICIES:
         assert c[(policy, 1)] == b[(policy, 1)]
         assert abs(c[(policy, 2)] - b[(policy, 2)]) < TOL
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import cli
 from modelcollapse import config as configlib
 from modelcollapse.errors import BadInput, RunFailed
-from modelcollapse.families import categorical, gaussian, kde, linreg
+from modelcollapse.families import categorical, common, gaussian, kde, linreg
 from modelcollapse.loop import run_experiment, simulate
 from modelcollapse.policies import from_spec
 from modelcollapse.seeding import stream_keys
@@ -173,8 +173,11 @@ def test_vae_selection_by_a_verifier_classifier_and_its_real_weight(tmp_path, mo
     family = vae.Family(vae.Config(**table), device="cpu", cache_dir=tmp_path / "cache")
     judge, verifier = family.classifier("judge"), family.classifier("verifier")
     assert not all(np.array_equal(a.detach(), b.detach()) for a, b in zip(judge.parameters(), verifier.parameters()))
-    w = vae.example_weights(np.array([True] * 3 + [False] * 9), 0.8)
+    w = common.example_weights(np.array([True] * 3 + [False] * 9), 0.8)
     assert w.mean() == pytest.approx(1) and w[:3].sum() / w.sum() == pytest.approx(0.8)
+    terms = np.array([5, 1, 2, 4, 4, 4])  # an LM story's predicted tokens: the shares count terms, not examples
+    w = common.example_weights(np.array([True, True, False, False, False, False]), 0.25, terms)
+    assert (w * terms)[:2].sum() / (w * terms).sum() == pytest.approx(0.25) and (w * terms).sum() == pytest.approx(terms.sum())
 
 
 # -- the exact families: gaussian, kde, categorical -------------------------------------------------------------

@@ -226,8 +226,9 @@ def _check_capabilities(cfg: ExperimentConfig) -> None:
         where = f"policies.{i}.select" if policy.select is not None else "select"
         chosen = cfg.selection(policy)
         if chosen is not None:
-            if not (callable(getattr(family, "score", None)) and callable(getattr(family, "take", None))):
-                raise BadInput(f"config error: {where}: the {spec.table} family cannot select synthetic data (it has no score/take)")
+            needs = ("score", "take") + (("example_sizes",) if getattr(family, "grouped", False) else ())
+            if not all(callable(getattr(family, m, None)) for m in needs):
+                raise BadInput(f"config error: {where}: the {spec.table} family cannot select synthetic data (it has no {'/'.join(needs)})")
             if chosen.score not in spec.scores:
                 have = ", ".join(spec.scores) or "none"
                 raise BadInput(f"config error: {where}.score: the {spec.table} family provides no score {chosen.score!r}; it has {have}")

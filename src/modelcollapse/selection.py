@@ -17,6 +17,14 @@ a bookkeeping of i.i.d. draws.
 - k-choice: for each example, one of its k candidates, chosen with probability ∝ exp(score / temperature)
   (Ferbach et al. 2024's Bradley–Terry curation), by the Gumbel-max trick on the stream's uniforms.
 
+A grouped family (`Family.grouped`: lm, whose sizes count tokens and whose examples are whole stories) is
+asked for `oversample` × size units of candidates, and each selector keeps whole examples until they hold
+`size` units (plus less than one example, as `subsample` does), taking them in its order of preference:
+top-fraction the best-scored first; threshold the passing ones in draw order; k-choice the winners of
+consecutive groups of k candidates, in draw order. Kept examples that cannot reach `size` units are a failure
+that states the numbers (threshold: unless `allow_short`; k-choice: when the winners are shorter than the
+candidates on average, e.g. a score that favours short stories).
+
 Selection is deterministic per (seed, policy, generation): its draws come from the generation's "select"
 stream. The metrics gain `select_kept_frac` (kept / candidates), `select_score_kept` and
 `select_score_rejected` (mean scores), recorded on the generation whose model drew the candidates.
@@ -121,6 +129,37 @@ def select(scores: np.ndarray, size: int, spec: SelectSpec, keys: np.ndarray, pe
     return kept, {"select_kept_frac": mask.sum(1) / n, "select_score_kept": kept_mean, "select_score_rejected": rejected_mean}
 
 
+def select_grouped(scores: np.ndarray, sizes: np.ndarray, size: int, spec: SelectSpec, key) -> tuple[np.ndarray, dict]:
+    """Which candidates of a grouped family to keep, for one seed: scores (n,) and sizes (n,) (each
+    candidate's units), whole candidates until they hold `size` units. Returns (kept indices in draw order,
+    metrics as `select` gives them)."""
+    n = len(scores)
+    if spec.name == "top-fraction":
+        order = np.argsort(-scores, kind="stable")
+    elif spec.name == "threshold":
+        order = np.flatnonzero(scores >= spec.min_score)
+    else:  # k-choice among consecutive groups of k candidates (i.i.d. draws, so any grouping is fair)
+        k = spec.candidates_per_example
+        groups = scores[: n // k * k].reshape(-1, k)
+        gumbel = -np.log(-np.log(uniform(np.uint64(key), np.arange(groups.size, dtype=np.uint64)).reshape(groups.shape)))
+        order = np.argmax(groups / (spec.temperature or 1.0) + gumbel, axis=1) + k * np.arange(len(groups))
+    reached = np.cumsum(sizes[order])
+    have = int(reached[-1]) if len(order) else 0
+    if have < size and not (spec.name == "threshold" and spec.allow_short):
+        how = (f"min_score = {spec.min_score:g}: {len(order)} of {n} candidates pass" if spec.name == "threshold"
+               else f"k = {spec.candidates_per_example}: one winner of each group")
+        hint = ("lower min_score, raise oversample, or set allow_short = true" if spec.name == "threshold"
+                else "the score favours short candidates; use top-fraction")
+        raise RunFailed(f"select: {spec.name} kept {have} of the {size} units needed ({how}; scores range from "
+                        f"{scores.min():.4g} to {scores.max():.4g}); {hint}")
+    kept = np.sort(order[: int(np.searchsorted(reached, size)) + 1])
+    mask = np.zeros(n, dtype=bool)
+    mask[kept] = True
+    metrics = {"select_kept_frac": mask.mean(), "select_score_kept": scores[mask].mean(),
+               "select_score_rejected": scores[~mask].mean() if (~mask).any() else np.nan}
+    return kept, {k: np.array([v]) for k, v in metrics.items()}
+
+
 def synthesize(family, model, size: int, like, seed, select_seed, workdir, spec: SelectSpec | None, reference, n_seeds: int = 1):
     """The synthetic set the newest model adds to the pool: `size` examples drawn by `model`, or, with a
     selection stage, the ones it keeps of `spec.candidates_per_example` × size candidates. Returns the set and
@@ -136,8 +175,11 @@ def synthesize(family, model, size: int, like, seed, select_seed, workdir, spec:
     candidates = family.sample(model, size * spec.candidates_per_example, like, seed, workdir)
     scores = np.asarray(family.score(candidates, spec.score, model, reference, select_seed), dtype=float)
     keys = np.asarray(select_seed, dtype=np.uint64).reshape(-1)
-    kept, metrics = select(scores.reshape(len(keys), -1), size, spec, keys, per_input)
-    indices = kept if batched else kept[0]
+    if getattr(family, "grouped", False):  # whole examples up to `size` units (not batched: one seed)
+        indices, metrics = select_grouped(scores, family.example_sizes(candidates), size, spec, keys[0])
+    else:
+        kept, metrics = select(scores.reshape(len(keys), -1), size, spec, keys, per_input)
+        indices = kept if batched else kept[0]
     if workdir is not None:
         from modelcollapse.store import atomic_save_npy
 

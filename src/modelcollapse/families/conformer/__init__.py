@@ -63,7 +63,7 @@ from modelcollapse.store import atomic_write_bytes, atomic_write_json
 
 from . import data as D
 from .data import ConformerSet
-from .metrics import conformer_metrics, render
+from .metrics import bond_lengths, bonds_recovered, conformer_metrics, render
 from .model import ConformerDiffusion, NetConfig, center
 from .torsion import TorsionConfig, TorsionDiffusion, rotate_torsions
 
@@ -89,6 +89,12 @@ METRICS = {
 REFERENCE = ("Paper §2.2 (GeoDiff on 40,000 GEOM-Drugs conformations, 8 iterations): replace's test loss rises "
              "every iteration, accumulate's stays nearly flat; the paper shows curves, not numbers. The presets here "
              "use ETKDG conformers of a few dozen molecules RDKit ships.")
+SCORES = {
+    "rdkit_valid": "1 where RDKit's bond perception reads exactly the graph's bonds from the conformer's heavy atoms "
+                   "(no bond stretched apart, no clash), else 0",
+    "bond_length_dev": "minus the mean |d − d_real| over the conformer's bonds, d_real the bond's mean length over the "
+                       "molecule's real training conformers (Å)",
+}
 MIN_ITERATIONS = 5  # over the quick preset's 3 iterations accumulate's test_loss rises too; the paper runs 8
 EVAL_SEED = 0  # test_loss's noise levels and noise come from this seed, never from the run's
 GEN_PER_REF = 2  # generated conformers per reference conformer for COV/MAT, as GeoDiff
@@ -170,12 +176,15 @@ class Config(BaseModel):
 
 
 class Family:
+    keeps_inputs = True  # synthetic conformers are new coordinates for the real training graphs
+
     def __init__(self, config: Config, *, device: str, cache_dir: Path):
         self.config = config
         self.device = device
         self.cache_dir = Path(cache_dir)
         self._molecules: ConformerSet | None = None  # every usable molecule, loaded once
         self.left_out: dict[str, int] = {}  # molecules the loader left out, by reason
+        self._real_bonds: dict[str, np.ndarray] | None = None  # each training graph's mean real bond lengths
 
     # -- data ---------------------------------------------------------------------------------------------
     def source(self) -> D.Source:
@@ -305,6 +314,21 @@ class Family:
 
     def load_sample(self, workdir: Path) -> ConformerSet:
         return D.load_set(Path(workdir) / "synthetic")[0]
+
+    # -- selection ------------------------------------------------------------------------------------------
+    def score(self, data: ConformerSet, name: str, model, reference, seed) -> np.ndarray:
+        """A score per conformer (SCORES), on its heavy atoms as the metrics are."""
+        conformers = [(data.graphs[g], data.pos[i].astype(np.float64)) for i, g in enumerate(data.graph_idx)]
+        if name == "rdkit_valid":
+            return np.array([float(bonds_recovered(g.heavy_mol, p[g.heavy])) for g, p in conformers])
+        if self._real_bonds is None:
+            real = self.real_data("train", 0)
+            self._real_bonds = {g.key: bond_lengths(g.heavy_mol, np.stack([real.pos[i] for i in idx]).astype(np.float64)[:, g.heavy]).mean(0)
+                                for g, idx in zip(real.graphs, real.conformers_of()) if idx}
+        return np.array([-np.abs(bond_lengths(g.heavy_mol, p[None, g.heavy])[0] - self._real_bonds[g.key]).mean() for g, p in conformers])
+
+    def take(self, data: ConformerSet, indices: np.ndarray) -> ConformerSet:
+        return data.take(np.asarray(indices))
 
     # -- evaluation -----------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -26,6 +26,10 @@ iterative fine-tuning; generation 1 starts from `base`, or from scratch without 
   transformers) or adapter/ (LoRA adapters, lora.py), tokenizer.json, samples.txt and samples.json (20
   stories sampled by evaluate), sample_ppl.npy (every evaluated story's perplexity), and sample/ (the
   synthetic set for the next generation).
+- Selection and weighting (selection.py): SCORES are `perplexity` (under generation 1's model, the base or a
+  saved generation: `select_model`) and `length`; a selection keeps whole stories (`take`, `example_sizes`)
+  up to the synthetic size in tokens. `real_weight` weights each predicted token's loss (train.fit), so the
+  real stories carry that share of it.
 - Data-parallel: under torchrun or `--nproc N` each generation trains with DistributedDataParallel and its
   synthetic set is sampled in shards across the ranks (train.py); the diversity samples are rank 0's.
 """
@@ -50,7 +54,7 @@ from modelcollapse.families.lm import data as text
 from modelcollapse.families.lm import train as loops
 from modelcollapse.families.lm import figures
 from modelcollapse.families.lm.hf import Base, HFModel, Vocab
-from modelcollapse.families.lm.shards import TokenSet, shard_exists, verify, write_shard
+from modelcollapse.families.lm.shards import CHUNK_DOCS, TokenSet, shard_exists, verify, write_shard
 from modelcollapse.store import atomic_write_bytes, atomic_write_json
 
 PRIMARY_METRIC = "test_ce"
@@ -79,6 +83,13 @@ REFERENCE = ("Paper Table 2 (test cross-entropy on TinyStories, nats/token; full
              "accumulate's size 2.18. At temperature 0.3: accumulate 1.75, replace 5.82 (9.85 at t=10). Llama-2 "
              "12M / 42M / 126M: t=1 2.06 / 1.90 / 1.71; t=4 accumulate 1.94 / 1.76 / 1.59, replace 2.72 / 2.52 / 2.23.")
 MIN_ITERATIONS = 4  # Table 2 compares iteration 4 with iteration 1
+SCORES = {
+    "perplexity": "minus the story's perplexity (exp of its mean nats per sampled token, EOS included) under the "
+                  "reference model lm.select_model: generation 1's (default: trained on real stories), the base, "
+                  "or a saved generation; low-perplexity filtering (Gambetta et al. 2024, Feng et al. 2024) keeps "
+                  "the highest scores. A story with no sampled token scores minus the vocabulary size (a uniform guess)",
+    "length": "the story's sampled tokens (after its BOS and prompt, EOS included)",
+}
 SAVED_SAMPLES = 20
 
 
@@ -142,12 +153,14 @@ class Config(BaseModel):
     shard_tokens: int = Field(2**22, ge=256, description="tokens per synthetic shard (the unit a resumed sampling keeps)")
     eval_samples: int = Field(100, ge=SAVED_SAMPLES, description="stories sampled by evaluate for the diversity metrics")
     sample_ppl_model: Literal["first", "base"] = Field("first", description="the model sample_ppl is measured under: generation 1's, or the base")
+    select_model: str = Field("first", min_length=1, description='the model a selection\'s "perplexity" score is measured under: '
+                              '"first" (generation 1\'s), "base", or a gen-<n> folder of an lm run with the same tokenizer')
     rare_rank: int = Field(1000, ge=1, description="rare_word_recall: the real text's words past this frequency rank are rare")
 
     # Keys added after runs existed: left out of the dump while at their defaults, so the config hash (and the
     # plans saved in checkpoints and samples) of a run made before them is unchanged and it still resumes.
     LATER: ClassVar[tuple[str, ...]] = ("skip_train_stories", "init", "base", "lora", "schedule", "steps", "prompt_tokens", "min_p", "repetition_penalty",
-             "num_beams", "sample_ppl_model", "rare_rank")
+             "num_beams", "sample_ppl_model", "rare_rank", "select_model")
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
@@ -190,6 +203,8 @@ class Config(BaseModel):
             raise ValueError("LoRA adapts a pretrained base: set lm.base")
         if self.sample_ppl_model == "base" and self.base is None:
             raise ValueError('sample_ppl_model = "base" needs a base')
+        if self.select_model == "base" and self.base is None:
+            raise ValueError('select_model = "base" needs a base')
         if self.num_beams > 1 and (self.temperature != 1.0 or self.top_k or self.top_p or self.min_p):
             raise ValueError("beam search (num_beams > 1) is deterministic: leave temperature, top_k, top_p and min_p at their defaults")
         if self.base is None:
@@ -217,7 +232,8 @@ class Family:
     """The `lm` family (see the module docstring). Fitted state: `tokenizer_`, `vocab_` (and its `bos_`,
     `eos_`), `base_` (the base model, when there is one)."""
 
-    grouped = True  # sizes count tokens; subsample keeps whole documents
+    grouped = True  # sizes count tokens; subsample keeps whole documents; a selection keeps whole stories
+    weights_real = True  # fit takes real_weight: per-token loss weights
 
     def __init__(self, config: Config, *, device: str = "cpu", cache_dir: Path | None = None):
         self.config = config
@@ -228,6 +244,7 @@ class Family:
         self._references: dict[Path, object] = {}  # the model sample_ppl is measured under, by folder (the last one)
         self._real_words = None  # (word counts, rare words) of the real training stories
         self.base_: Base | None = None
+        self.select_model_ = None  # a saved generation that select_model names, once read
 
     # -- real data ---------------------------------------------------------------------------------------
     def _ready(self) -> None:
@@ -257,6 +274,21 @@ class Family:
         self._stories = train
         self._sets["test"] = self._tokenize(test)
         self._sets["train-0"] = self._tokenize(self._draw_stories(0))
+        if c.select_model not in ("first", "base"):
+            self.select_model_ = self._read_select_model(c.select_model)
+
+    def _read_select_model(self, folder: str):
+        """The saved generation `select_model` names: its tokenizer must be this run's (the ids must mean the
+        same words), so its perplexities are of the same stories."""
+        path = Path(folder).expanduser()
+        if not (path / "model.json").is_file():
+            raise BadInput(f"lm.select_model: {folder!r} is not a gen-<n> folder of an lm run (no model.json); "
+                           f'give one, or "first" or "base"')
+        saved = read_base(str(path), 0.0, self.device)
+        if saved.tokenizer.to_str() != self.tokenizer_.to_str():
+            raise BadInput(f"lm.select_model: {folder!r} has another tokenizer than this run's; its perplexities "
+                           f"would score other token ids")
+        return saved.model
 
     def _check_base(self, base: Base) -> None:
         from modelcollapse.families.lm.hf import check_context
@@ -293,11 +325,11 @@ class Family:
         stem = self.cache_dir / "lm" / "shards" / text.digest(stories, self.tokenizer_path_.name)
         if shard_exists(stem):
             try:
-                return verify(TokenSet.open([stem]), self.vocab_.ids)
+                return verify(TokenSet.open([stem], real=True), self.vocab_.ids)
             except BadInput as e:
                 paths.rebuilding(stem, e)
         write_shard(stem, self._encode(stories), self.vocab_.dtype)
-        return TokenSet.open([stem])
+        return TokenSet.open([stem], real=True)
 
     def _encode(self, stories: list[str]):
         bos, eos = self.vocab_.bos, self.vocab_.eos
@@ -316,6 +348,12 @@ class Family:
             self._sets[key] = self._tokenize(self._draw_stories(draw))
         return self._sets[key]
 
+    def take(self, data: TokenSet, indices: np.ndarray) -> TokenSet:
+        return data.take(indices)
+
+    def example_sizes(self, data: TokenSet) -> np.ndarray:
+        return data.doc_lengths()
+
     def size(self, data: TokenSet) -> int:
         return data.n_tokens
 
@@ -326,9 +364,10 @@ class Family:
         return data.subsample(size, seed)
 
     # -- the model ---------------------------------------------------------------------------------------
-    def fit(self, train: TokenSet, seed: int, workdir: Path, previous: Path | None = None):
+    def fit(self, train: TokenSet, seed: int, workdir: Path, previous: Path | None = None, real_weight: float | None = None):
         """A model fit on `train`, starting where `init` says; `previous` is the previous generation's folder
-        (None in generation 1), which init = "previous" continues from."""
+        (None in generation 1), which init = "previous" continues from. With `real_weight` w the real
+        stories' tokens carry a share w of the loss (train.fit)."""
         self._ready()
         c = self.config
         start = None
@@ -336,7 +375,7 @@ class Family:
             start = self.load_model(previous)
         elif c.init != "scratch":
             start = self.base_.model
-        model = loops.fit(c, train, self.vocab_, seed, Path(workdir), self.device, start)
+        model = loops.fit(c, train, self.vocab_, seed, Path(workdir), self.device, start, real_weight)
         model.reference_ = None if previous is None else reference_of(Path(previous))
         return model
 
@@ -380,6 +419,29 @@ class Family:
         if folder not in self._references:
             self._references = {folder: self.load_model(folder)}
         return self._references[folder]
+
+    # -- selection ----------------------------------------------------------------------------------------
+    def score(self, data: TokenSet, name: str, model, reference, seed) -> np.ndarray:
+        """A score per story of `data` (SCORES): `length`, or `perplexity` under the model `select_model`
+        names (`reference` is generation 1's: the model itself while generation 1 samples)."""
+        self._ready()
+        targets = data.n_targets()
+        if name == "length":
+            return targets.astype(float)
+        c = self.config
+        if c.select_model == "first":
+            scorer = reference
+        else:
+            scorer = self.base_.model if c.select_model == "base" else self.select_model_
+        nll = np.full(data.n_docs, np.log(self.vocab_.size))  # no sampled token: scored as a uniform guess
+        order = np.argsort(data.doc_lengths(), kind="stable")  # similar lengths batched together: little padding
+        order = order[targets[order] > 0]
+        prompts = data.prompt_lens()
+        for i in range(0, len(order), CHUNK_DOCS):
+            chunk = order[i : i + CHUNK_DOCS]
+            docs = list(data.iter_docs(chunk))
+            nll[chunk] = loops.example_nll(scorer, docs, 0 if prompts is None else prompts[chunk], c, self.vocab_, self.device)
+        return -np.exp(nll)
 
     def _write_samples(self, docs: list[np.ndarray], workdir: Path) -> None:
         P = self.config.prompt_tokens

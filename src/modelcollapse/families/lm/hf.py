@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modelcollapse.errors import BadInput
-from modelcollapse.families.lm.model import LM, LMConfig
+from modelcollapse.families.lm.model import LM, LMConfig, weighted_ce
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,12 @@ class HFModel(nn.Module):
         c = self.hf.config
         return int(getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2**31)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, weights=None):
         logits = self.hf(input_ids=idx, use_cache=False).logits  # (B, T, V)
         if targets is None:
             return logits, None
+        if weights is not None:
+            return None, weighted_ce(logits.reshape(-1, logits.size(-1)), targets, weights)
         return None, F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 
     configure_optimizers = LM.configure_optimizers

@@ -250,17 +250,25 @@ def sample_tokens(logits, u, temperature: float = 1.0, top_k: int | None = None,
     return (tok if ids is None else ids.gather(1, tok)).squeeze(1)
 
 
+def weighted_ce(logits, targets, weights):
+    """Mean over the targets (-1: ignored) of each one's cross-entropy times its weight; logits (N, V)."""
+    terms = F.cross_entropy(logits.float(), targets.reshape(-1), ignore_index=-1, reduction="none")
+    return (terms * weights.reshape(-1)).sum() / (targets != -1).sum()
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of the output head's logits x @ w.T (x (N, C), w (V, C)) against targets (N,)
-    (-1: ignored), a chunk of rows at a time, with both gradients formed in the same pass: softmax - one-hot,
+    (-1: ignored), each row's term times its weight (N,) when given (the mean still over the targets' count),
+    a chunk of rows at a time, with both gradients formed in the same pass: softmax - one-hot,
     folded straight into grad_x and grad_w. On the CPU every fresh (N, V) buffer (logits, log-softmax, their
     gradients: 64 MB each at N = 4096, V = 4096) comes from the OS page by page, ~15 ms apiece; these 8 MB
     chunks are reused instead (~10% of a small model's training step)."""
 
     @staticmethod
-    def forward(ctx, x, w, targets):
+    def forward(ctx, x, w, targets, weights=None):
         valid = targets != -1
         n = valid.sum()
+        valid = valid if weights is None else valid * weights  # each row's factor: 0 (ignored), 1, or its weight
         need_x, need_w = ctx.needs_input_grad[:2]
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.zeros_like(w) if need_w else None
@@ -286,7 +294,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad_x, grad_w = ctx.saved_tensors
-        return (None if grad_x is None else grad_x * grad), (None if grad_w is None else grad_w * grad), None
+        return (None if grad_x is None else grad_x * grad), (None if grad_w is None else grad_w * grad), None, None
 
 
 class LM(nn.Module):
@@ -343,17 +351,19 @@ class LM(nn.Module):
             x = block(x, rope, None if caches is None else caches[i], pos)
         return self.norm(x)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, weights=None):
         """(logits (B, T, V), None) for tokens idx (B, T). With targets (B, T), already shifted (targets[:, t]
         is the token after idx[:, t]; -1: not a target): (None, mean cross-entropy in nats over the targets),
-        the logits never materialised whole."""
+        the logits never materialised whole; with weights (B, T), each target's term times its weight."""
         x = self._trunk(idx)  # (B, T, C)
         if targets is None:
             return self.lm_head(x), None
         x, targets = x.view(-1, x.size(-1)), targets.reshape(-1)  # shifted by the caller: no sliced copies
         if x.device.type == "cpu":
-            return None, ChunkedCrossEntropy.apply(x, self.lm_head.weight, targets)
-        return None, F.cross_entropy(self.lm_head(x), targets, ignore_index=-1)  # CUDA's caching allocator reuses
+            return None, ChunkedCrossEntropy.apply(x, self.lm_head.weight, targets, None if weights is None else weights.reshape(-1))
+        if weights is None:
+            return None, F.cross_entropy(self.lm_head(x), targets, ignore_index=-1)  # CUDA's caching allocator reuses
+        return None, weighted_ce(self.lm_head(x), targets, weights)
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float]):
         """AdamW decaying only the matrices (weights, embeddings), not norms or biases, as nanoGPT does;

@@ -7,8 +7,9 @@ length limit has no EOS). A shard of prompted samples has a third, `STEM.prompts
 tokens after its BOS are a real prompt, which training does not predict (only the continuation is trained on).
 The starts file is written last, so a shard whose starts file exists is complete.
 
-A `TokenSet` (the family's Data) is a tuple of parts, each a shard and the documents chosen from it. Its size
-is its token count, BOS and EOS included. Concatenating and subsampling only build new lists of document
+A `TokenSet` (the family's Data) is a tuple of parts, each a shard and the documents chosen from it (and
+whether they are real stories, for a fit that weights real against synthetic ones). Its size is its token
+count, BOS and EOS included. Concatenating and subsampling only build new lists of document
 indices; tokens are read from disk a document at a time when batches are made, so an accumulated pool of
 many generations is streamed, never held in memory whole (memory holds 8 bytes of offsets per document).
 """
@@ -134,9 +135,10 @@ class Part:
     n_docs: int
     n_tokens: int
     prompts: np.ndarray | None = None  # the chosen documents' prompt lengths (None: no prompts)
+    real: bool = False  # real stories (the family's real data), not sampled ones
 
 
-def open_part(stem: Path, docs: np.ndarray | None = None) -> Part:
+def open_part(stem: Path, docs: np.ndarray | None = None, real: bool = False) -> Part:
     tokens, starts = _open(stem)
     if len(starts) < 1 or starts[-1] != len(tokens):
         raise BadInput(f"token shard {stem} is corrupt: its offsets do not match its {len(tokens)} tokens")
@@ -149,10 +151,10 @@ def open_part(stem: Path, docs: np.ndarray | None = None) -> Part:
         if len(prompts) != len(starts) - 1:
             raise BadInput(f"token shard {stem} is corrupt: {len(prompts)} prompt lengths for {len(starts) - 1} documents")
     if docs is None:
-        return Part(Path(stem), None, len(starts) - 1, int(starts[-1]), prompts)
+        return Part(Path(stem), None, len(starts) - 1, int(starts[-1]), prompts, real)
     lengths = np.diff(starts)[docs]
     docs = np.asarray(docs, dtype=np.int64)
-    return Part(Path(stem), docs, len(docs), int(lengths.sum()), None if prompts is None else prompts[docs])
+    return Part(Path(stem), docs, len(docs), int(lengths.sum()), None if prompts is None else prompts[docs], real)
 
 
 class TokenSet:
@@ -164,8 +166,8 @@ class TokenSet:
         self.n_docs = sum(p.n_docs for p in self.parts)
 
     @classmethod
-    def open(cls, stems: Iterable[Path]) -> "TokenSet":
-        return cls(open_part(s) for s in stems)
+    def open(cls, stems: Iterable[Path], real: bool = False) -> "TokenSet":
+        return cls(open_part(s, real=real) for s in stems)
 
     def __repr__(self) -> str:
         return f"TokenSet({self.n_docs} documents, {self.n_tokens} tokens, {len(self.parts)} parts)"
@@ -182,6 +184,15 @@ class TokenSet:
             out.append(lengths if p.docs is None else lengths[p.docs])
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
+    def real_docs(self) -> np.ndarray:
+        """(n_docs,) whether each document is a real story, in order."""
+        return np.concatenate([np.full(p.n_docs, p.real) for p in self.parts]) if self.parts else np.zeros(0, bool)
+
+    def n_targets(self) -> np.ndarray:
+        """(n_docs,) the tokens of each document that a fit predicts: all after its BOS and its prompt."""
+        prompts = self.prompt_lens()
+        return self.doc_lengths() - 1 - (0 if prompts is None else prompts)
+
     def prompt_lens(self) -> np.ndarray | None:
         """(n_docs,) every document's prompt length, in order; None when no document has a prompt."""
         if all(p.prompts is None for p in self.parts):
@@ -195,13 +206,20 @@ class TokenSet:
             raise ValueError(f"cannot subsample {size} tokens from {self.n_tokens}")
         order = np.random.default_rng(seed).permutation(self.n_docs)
         take = int(np.searchsorted(np.cumsum(self.doc_lengths()[order]), size)) + 1 if size > 0 else 0
-        chosen = np.sort(order[:take])
+        return self.take(np.sort(order[:take]))
+
+    def take(self, indices: np.ndarray) -> "TokenSet":
+        """The documents at `indices` (into this set), in that order."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         first = np.cumsum([0] + [p.n_docs for p in self.parts])
+        part_of = np.searchsorted(first, indices, side="right") - 1
+        runs = np.flatnonzero(np.diff(part_of)) + 1  # a new part wherever the part changes along `indices`
         parts = []
-        for i, p in enumerate(self.parts):
-            local = chosen[(chosen >= first[i]) & (chosen < first[i + 1])] - first[i]
-            if len(local):
-                parts.append(open_part(p.stem, local if p.docs is None else p.docs[local]))
+        for run in np.split(np.arange(len(indices)), runs):
+            if len(run):
+                i = int(part_of[run[0]])
+                p, local = self.parts[i], indices[run] - first[i]
+                parts.append(open_part(p.stem, local if p.docs is None else p.docs[local], p.real))
         return TokenSet(parts)
 
     def iter_docs(self, order: np.ndarray | None = None) -> Iterator[np.ndarray]:
@@ -227,12 +245,14 @@ class TokenSet:
         rows = -(-max(self.n_tokens - 1, 0) // block_size)
         return -(-rows // batch_size)
 
-    def batches(self, block_size: int, batch_size: int, seed: int | None, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def batches(self, block_size: int, batch_size: int, seed: int | None, start: int = 0,
+                weights: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, ...]]:
         """One pass over the documents, packed back to back into (x, y) batches of shape (B, T), with
         y = x shifted by one, so that every token but the first is a target exactly once. Documents are
         shuffled by `seed` (None: stored order). The last batch is padded: x with 0, y with -1 (ignored).
         `start` skips that many batches (resuming a pass), reading only the documents after them. A prompted
-        document's prompt tokens are not targets (y = -1 there)."""
+        document's prompt tokens are not targets (y = -1 there). With `weights` (one per document, in stored
+        order) each batch is (x, y, w): w (B, T) float32, the weight of the document each target is in."""
         B, T = batch_size, block_size
         order = np.arange(self.n_docs) if seed is None else np.random.default_rng(seed).permutation(self.n_docs)
         skip = start * B * T  # tokens of the stream before the first batch wanted
@@ -245,13 +265,18 @@ class TokenSet:
             offset = 0
         prompts = self.prompt_lens()
         prompts = None if prompts is None else prompts[order]
+        weights = None if weights is None else np.asarray(weights, dtype=np.float32)[order]
         buf = np.zeros(B * T + 1, dtype=np.int64)
         target = None if prompts is None else np.ones(B * T + 1, dtype=bool)  # False: a prompt token, not predicted
+        wbuf = None if weights is None else np.zeros(B * T + 1, dtype=np.float32)  # each token's document's weight
 
         def targets(y, keep):
             if keep is not None:
                 y[~keep] = -1
             return y
+
+        def batch(x, y, w):
+            return (x, y) if w is None else (x, y, w)
 
         fill = 0
         for i, doc in enumerate(self.iter_docs(order)):
@@ -265,11 +290,17 @@ class TokenSet:
                 if keep is not None:
                     target[fill : fill + n] = keep[:n]
                     keep = keep[n:]
+                if wbuf is not None:
+                    wbuf[fill : fill + n] = weights[i]
                 fill += n
                 doc = doc[n:]
                 if fill == len(buf):
-                    yield buf[:-1].reshape(B, T).copy(), targets(buf[1:].copy(), None if target is None else target[1:]).reshape(B, T)
+                    yield batch(buf[:-1].reshape(B, T).copy(),
+                                targets(buf[1:].copy(), None if target is None else target[1:]).reshape(B, T),
+                                None if wbuf is None else wbuf[1:].reshape(B, T).copy())
                     buf[0] = buf[-1]  # the last target is the next batch's first input
+                    if wbuf is not None:
+                        wbuf[0] = wbuf[-1]
                     fill = 1
         if fill > 1:
             rows = -(-(fill - 1) // T)
@@ -277,4 +308,8 @@ class TokenSet:
             y = np.full(rows * T, -1, np.int64)
             x[: fill - 1] = buf[: fill - 1]
             y[: fill - 1] = targets(buf[1:fill].copy(), None if target is None else target[1:fill])
-            yield x.reshape(rows, T), y.reshape(rows, T)
+            w = None
+            if wbuf is not None:
+                w = np.zeros(rows * T, np.float32)
+                w[: fill - 1] = wbuf[1:fill]
+            yield batch(x.reshape(rows, T), y.reshape(rows, T), None if w is None else w.reshape(rows, T))

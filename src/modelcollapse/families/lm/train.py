@@ -14,7 +14,8 @@
   shards and redoes only the rest. Our sampler (model.LM.generate) draws with temperature, top-k, top-p and
   min-p; a repetition penalty, beam search or a model run through transformers go through transformers'
   `generate` (hf.hf_generate), seeded from the same stream.
-- `example_nll`: each document's mean nats per token of its continuation under a model (sample_ppl).
+- `example_nll`: each document's mean nats per token of its continuation under a model (sample_ppl, and a
+  selection's perplexity score).
 
 Data-parallel (several ranks, distributed.py): `fit` trains a DistributedDataParallel replica on each rank,
 rank r taking rows r·B/W .. (r+1)·B/W of the very batch a one-process fit draws, its loss weighted so the
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 
 from modelcollapse import distributed
 from modelcollapse.errors import BadInput
-from modelcollapse.families.common import autocast, warmup_cosine
+from modelcollapse.families.common import autocast, example_weights, warmup_cosine
 from modelcollapse.families.lm.hf import Vocab, hf_generate
 from modelcollapse.families.lm.model import LM, lm_config
 from modelcollapse.families.lm.shards import TokenSet, open_part, shard_exists, write_shard
@@ -137,29 +138,34 @@ def _load_checkpoint(path: Path, model: LM, opt: torch.optim.Optimizer, plan: di
     return int(meta["step"])
 
 
-def _rank_rows(x: np.ndarray, y: np.ndarray, B: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """This rank's rows of the global batch (x, y) and the weight of their mean loss. Rank r of W takes rows
+def _rank_rows(x: np.ndarray, y: np.ndarray, B: int, w: np.ndarray | None = None):
+    """This rank's rows of the global batch (x, y) (and of the targets' weights w), and the weight of their
+    mean loss: (x, y, w, weight). Rank r of W takes rows
     r·B/W .. (r+1)·B/W; weighted by W·(its targets)/(the batch's targets), the mean over ranks that DDP takes
     of the gradients is the gradient of the one-process loss, the mean over every target of the batch (the
     rows hold different numbers of ignored targets, so unweighted per-rank means would not average to it)."""
     W, r = distributed.world_size(), distributed.rank()
     if W == 1:
-        return x, y, 1.0
+        return x, y, w, 1.0
     if len(x) < B:  # the short last batch: padded with rows without targets, so every rank has B/W rows
         x = np.concatenate([x, np.zeros((B - len(x), x.shape[1]), x.dtype)])
         y = np.concatenate([y, np.full((B - len(y), y.shape[1]), -1, y.dtype)])
+        w = None if w is None else np.concatenate([w, np.zeros((B - len(w), w.shape[1]), w.dtype)])
     n_all = int((y >= 0).sum())
     rows = slice(r * B // W, (r + 1) * B // W)
-    x, y = x[rows], y[rows].copy()
+    x, y, w = x[rows], y[rows].copy(), None if w is None else w[rows]
     n = int((y >= 0).sum())
     if n == 0:  # only padding: the rank still joins the all-reduce; a dummy target keeps its loss finite, weight 0
         y[0, 0] = 0
-    return x, y, W * n / n_all
+    return x, y, w, W * n / n_all
 
 
-def fit(cfg, train: TokenSet, vocab: Vocab, seed: int, workdir: Path, device: str, start: LM | None = None):
+def fit(cfg, train: TokenSet, vocab: Vocab, seed: int, workdir: Path, device: str, start: LM | None = None,
+        real_weight: float | None = None):
     """A model trained for `cfg.epochs` passes over `train` (or `cfg.steps` steps): a fresh one, or `start`
-    (left unchanged: a copy is trained), with LoRA adapters merged into it after training when `cfg.lora`."""
+    (left unchanged: a copy is trained), with LoRA adapters merged into it after training when `cfg.lora`.
+    With `real_weight` w each predicted token's loss is weighted so that the real stories' tokens carry a
+    share w of the total and the synthetic ones 1 − w (common.example_weights: the weights average to 1)."""
     B, T = cfg.batch_size, cfg.block_size
     per_epoch = train.n_batches(T, B)
     total = steps_of(cfg, train)
@@ -174,7 +180,10 @@ def fit(cfg, train: TokenSet, vocab: Vocab, seed: int, workdir: Path, device: st
             torch.manual_seed(derive_seed(seed, "lora"))
             model = add_adapters(model, cfg.lora)
     opt = model.configure_optimizers(cfg.weight_decay, cfg.lr, BETAS)
+    weights = None if real_weight is None else example_weights(train.real_docs(), real_weight, train.n_targets())
     plan = dict(seed=seed, tokens=train.n_tokens, docs=train.n_docs, total=total, config=cfg.model_dump(mode="json"))
+    if real_weight is not None:  # a checkpoint of an unweighted fit is another fit's
+        plan["real_weight"] = real_weight
     ckpt = Path(workdir) / CHECKPOINT
     rank = distributed.rank()
     with _seeded_rng(device):
@@ -187,15 +196,15 @@ def fit(cfg, train: TokenSet, vocab: Vocab, seed: int, workdir: Path, device: st
                    disable=None if distributed.is_writer() else True, leave=False)
         while step < total:
             epoch, done = divmod(step, per_epoch)  # batches of this epoch already trained on
-            for x, y in train.batches(T, B, seed=derive_seed(seed, "order", epoch), start=done):
+            for x, y, *w in train.batches(T, B, seed=derive_seed(seed, "order", epoch), start=done, weights=weights):
                 lr = lr_at(step, total, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                x, y, weight = _rank_rows(vocab.inputs(x), _targets(y, vocab.bos), B)
+                x, y, w, weight = _rank_rows(vocab.inputs(x), _targets(y, vocab.bos), B, *w)
                 x = torch.from_numpy(x).to(device, non_blocking=True)
                 y = torch.from_numpy(y).to(device, non_blocking=True)
                 with autocast(device):
-                    _, loss = step_fn(x, y)
+                    _, loss = step_fn(x, y) if w is None else step_fn(x, y, torch.from_numpy(w).to(device, non_blocking=True))
                 (loss * weight).backward()  # under DDP the gradients are averaged over the ranks here
                 if cfg.grad_clip > 0:  # on the averaged gradient, the same on every rank
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -334,10 +343,12 @@ def diversity(docs: list[np.ndarray], bos: int, eos: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def example_nll(model, docs: list[np.ndarray], P: int, cfg, vocab: Vocab, device: str) -> np.ndarray:
+def example_nll(model, docs: list[np.ndarray], P, cfg, vocab: Vocab, device: str) -> np.ndarray:
     """(len(docs),) each document's mean nats per token of what follows its BOS and P prompt tokens (its EOS
-    included), under `model`: a batch of documents at a time, padded on the right."""
+    included), under `model`: a batch of documents at a time, padded on the right. P: one prompt length for
+    all, or one per document."""
     model.eval()
+    P = np.broadcast_to(np.asarray(P, dtype=np.int64), (len(docs),))
     out = np.empty(len(docs))
     for i in range(0, len(docs), cfg.batch_size):
         batch = docs[i : i + cfg.batch_size]
@@ -345,8 +356,9 @@ def example_nll(model, docs: list[np.ndarray], P: int, cfg, vocab: Vocab, device
         x = np.zeros((len(batch), L - 1), np.int64)
         y = np.full((len(batch), L - 1), -1, np.int64)
         for j, d in enumerate(batch):
+            p = int(P[i + j])
             x[j, : len(d) - 1] = d[:-1]
-            y[j, P : len(d) - 1] = d[P + 1 :]
+            y[j, p : len(d) - 1] = d[p + 1 :]
         with autocast(device):
             logits, _ = model(torch.from_numpy(vocab.inputs(x)).to(device))
         logp = torch.log_softmax(logits.float(), dim=-1)

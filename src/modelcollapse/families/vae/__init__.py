@@ -114,15 +114,6 @@ class Config(BaseModel):
         return self
 
 
-def example_weights(is_real: np.ndarray, real_weight: float | None) -> np.ndarray:
-    """Per-example loss weights, mean 1, giving the real examples a share `real_weight` of the total (all 1
-    without a weight, or where a set holds only real or only synthetic examples)."""
-    n, n_real = len(is_real), int(is_real.sum())
-    if real_weight is None or n_real in (0, n):
-        return np.ones(n, dtype=np.float32)
-    return np.where(is_real, n * real_weight / n_real, n * (1 - real_weight) / (n - n_real)).astype(np.float32)
-
-
 class Family:
     weights_real = True
 
@@ -160,7 +151,7 @@ class Family:
         With `real_weight` w, each image's loss is weighted so that the real images carry a share w of the
         epoch's loss and the synthetic ones 1 − w (the weights average to 1: the learning rate keeps its meaning)."""
         c = self.config
-        weights = torch.from_numpy(example_weights(train.is_real, real_weight)).to(self.device)
+        weights = torch.from_numpy(common.example_weights(train.is_real, real_weight)).to(self.device)
         g = torch.Generator().manual_seed(seed)  # init and batch order
         noise_g = torch.Generator(self.device).manual_seed(seed)  # the reparameterisation draws
         model = VAE(self.model_config()).init_weights(g).to(self.device).train()
