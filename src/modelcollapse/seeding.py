@@ -109,11 +109,13 @@ _IDENTITY = threading.local()  # choose's index buffer, lent to one call at a ti
 
 
 def _identity(rows: int, population: int, dtype) -> np.ndarray:
-    """A (rows, population) buffer of arange(population) in every row: the last call's, if it was of this
-    shape and was given back (a call that raised never gives it back, so no stale swaps survive)."""
+    """A buffer of at least (rows, population) with arange in every row: the last call's where it is large
+    enough and was given back (a call that raised never gives it back, so no stale swaps survive), else a new
+    one, grown ahead of a pool that accumulates every generation."""
     held = _IDENTITY.__dict__.pop("buffer", None)
-    if held is None or held.shape != (rows, population) or held.dtype != dtype:
-        held = np.broadcast_to(np.arange(population, dtype=dtype), (rows, population)).copy()
+    if held is None or held.shape[0] < rows or held.shape[1] < population or held.dtype != dtype:
+        width = population if held is None or held.shape[1] >= population else int(1.5 * population)
+        held = np.broadcast_to(np.arange(width, dtype=dtype), (rows, width)).copy()
     return held
 
 
@@ -132,7 +134,8 @@ def choose(keys: np.ndarray, population: int, k: int) -> np.ndarray:
     j = steps + np.minimum((u * (population - steps)).astype(np.int64), population - 1 - steps)  # (S, k) in [i, population)
     out = np.empty((len(keys), k), dtype=np.int64)
     chunk = max(1, min(len(keys), CHOOSE_CHUNK // max(population, 1)))
-    idx = _identity(chunk, population, dtype)
+    buffer = _identity(chunk, population, dtype)
+    idx = buffer[:chunk, :population]
     for lo in range(0, len(keys), chunk):
         n = min(chunk, len(keys) - lo)
         rows, jj = np.arange(n), j[lo : lo + n]
@@ -143,5 +146,5 @@ def choose(keys: np.ndarray, population: int, k: int) -> np.ndarray:
         out[lo : lo + n] = idx[:n, :k]
         idx[rows[:, None], jj] = jj  # put back what this chunk moved: positions < k and the j's
         idx[:n, :k] = np.arange(k, dtype=dtype)
-    _IDENTITY.buffer = idx  # as it was lent: the identity in every row
+    _IDENTITY.buffer = buffer  # as it was lent: the identity in every row
     return out
