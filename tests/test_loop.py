@@ -227,3 +227,74 @@ def test_a_vectorised_unit_in_groups_of_seeds_equals_one_seed_at_a_time_and_rebu
     (fast / "metrics.jsonl").write_text("")  # rebuilt from the units' records, in the order they were written
     run_experiment(make("fast", seeds=5), fast, progress=False)
     assert lines(fast) == before
+
+
+def test_seeds_split_over_processes_end_as_one_process_does(tmp_path, monkeypatch):
+    """--threads N splits a vectorised run's groups of seeds over N worker processes: metrics.jsonl and every
+    unit's record come out byte for byte as one process writes them; a worker's error fails the run, which then
+    resumes to the same end; a chain that turns non-finite stops its own unit only."""
+    from modelcollapse import loop
+    from modelcollapse.procs import THREADS_ENV
+
+    monkeypatch.setattr(loop, "SEEDS_AT_ONCE", 2)  # 5 seeds: groups of 2, 2 and 1, so both workers have some
+    one = run_experiment(make("fast", seeds=5, iterations=6), tmp_path / "one", progress=False)
+    monkeypatch.setenv(THREADS_ENV, "2")
+    two = run_experiment(make("fast", seeds=5, iterations=6), tmp_path / "two", progress=False)
+    assert (two / "metrics.jsonl").read_bytes() == (one / "metrics.jsonl").read_bytes()
+    for record in one.glob("*/all-seeds/metrics.json"):
+        assert record.read_bytes() == (two / record.relative_to(one)).read_bytes()
+
+    calls, real_fit = [0], linreg.Family.fit
+
+    def flaky_fit(self, *a, **k):  # each forked worker counts its own calls
+        calls[0] += 1
+        if calls[0] == 25:
+            raise RuntimeError("the machine went away")
+        return real_fit(self, *a, **k)
+
+    monkeypatch.setattr(linreg.Family, "fit", flaky_fit)
+    with pytest.raises(RuntimeError, match="went away"):
+        run_experiment(make("fast", seeds=5, iterations=6), tmp_path / "cut", progress=False)
+    assert read_json(tmp_path / "cut" / "manifest.json")["status"] == "failed"
+    monkeypatch.setattr(linreg.Family, "fit", real_fit)
+    run_experiment(make("fast", seeds=5, iterations=6), tmp_path / "cut", progress=False)
+    assert lines(tmp_path / "cut") == lines(one)
+
+    def broken_fit(self, train, *a, **k):  # seed 3's accumulate chain diverges in generation 3
+        fitted = real_fit(self, train, *a, **k)
+        if train.n == 3 * 12 and 3 in train.design.seeds:
+            fitted.w_hat_[list(train.design.seeds).index(3)] = np.inf
+        return fitted
+
+    monkeypatch.setattr(linreg.Family, "fit", broken_fit)
+    with pytest.raises(loop.ChainStopped, match="accumulate gen 3 .seeds 2..3.: test_error is not finite"):
+        run_experiment(make("fast", policies=["replace", "accumulate", {"name": "mix", "real_fraction": 0.5}], seeds=5, iterations=6),
+                       tmp_path / "stop", progress=False)
+    stop = tmp_path / "stop"
+    assert (stop / "replace" / "all-seeds" / "metrics.json").exists() and (stop / "mix-0.5" / "all-seeds" / "metrics.json").exists()
+    assert not (stop / "accumulate" / "all-seeds" / "metrics.json").exists()
+    rows = [json.loads(x) for x in lines(stop)]
+    assert {r["policy"] for r in rows} == {"replace", "accumulate", "mix-0.5"}
+    assert not [r for r in rows if r["policy"] == "accumulate" and r["seed"] == 4]  # the group after the stop
+
+
+def test_an_interrupted_run_on_processes_leaves_no_worker_and_resumes(tmp_path):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text('name = "k"\nfamily = "linreg"\npolicies = ["replace", "accumulate-subsample"]\niterations = 60\n'
+                   'seeds = 1100\n[linreg]\nd = 10\nT = 100\nn_test = 100\n')
+    assert cli("run", cfg, "--out", tmp_path / "whole").returncode == 0
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    proc = subprocess.Popen([sys.executable, "-m", "modelcollapse", "run", str(cfg), "--out", str(tmp_path / "cut"), "--threads", "2"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = tmp_path / "cut" / "metrics.jsonl", time.time() + 120
+    while (not metrics.exists() or metrics.stat().st_size < 10_000) and time.time() < deadline:
+        time.sleep(0.01)
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert len(workers) == 2 and not [p for p in workers if os.path.exists(f"/proc/{p}")]
+    assert read_json(tmp_path / "cut" / "manifest.json")["status"] == "interrupted"
+    again = cli("run", cfg, "--out", tmp_path / "cut", "--threads", "2")
+    assert again.returncode == 0, again.stderr
+    assert lines(tmp_path / "cut") == lines(tmp_path / "whole")

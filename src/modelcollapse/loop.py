@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from modelcollapse import distributed
+from modelcollapse import distributed, procs
 from modelcollapse.config import ExperimentConfig, resolve_device
 from modelcollapse.errors import BadInput, RunFailed
 from modelcollapse.families import common
@@ -115,16 +115,27 @@ def run_experiment(cfg: ExperimentConfig, out: Path, progress: bool | None = Non
                 quiet = progress is False or not distributed.is_writer()
                 bar = progress_bar(len(cfg.policies) * cfg.iterations * len(cfg.seeds), cfg.name, quiet)
                 stopped = []
-                for policy in cfg.policies:
-                    bar.set_description(f"{cfg.name}: {policy.label}", refresh=False)
-                    chains = [cfg.seeds] if vectorised(family) else [[s] for s in cfg.seeds]
-                    for seeds in chains:
-                        try:
-                            (run_batch if vectorised(family) else run_chain)(family, store, cfg, policy, seeds, bar, tracker)
-                        except ChainStopped as e:
-                            store.log(str(e))
-                            bar.write(str(e), file=sys.stderr)
-                            stopped.append(str(e))
+
+                def stops(e: ChainStopped) -> None:
+                    store.log(str(e))
+                    bar.write(str(e), file=sys.stderr)
+                    stopped.append(str(e))
+
+                from modelcollapse import parallel
+
+                workers = min(procs.threads(), len(seed_groups(cfg.seeds)))
+                if vectorised(family) and workers > 1 and parallel.available():
+                    bar.set_description(f"{cfg.name}: {len(cfg.policies)} policies on {workers} processes", refresh=False)
+                    parallel.run_split(family, store, cfg, workers, bar, tracker, stops)
+                else:
+                    for policy in cfg.policies:
+                        bar.set_description(f"{cfg.name}: {policy.label}", refresh=False)
+                        chains = [cfg.seeds] if vectorised(family) else [[s] for s in cfg.seeds]
+                        for seeds in chains:
+                            try:
+                                (run_batch if vectorised(family) else run_chain)(family, store, cfg, policy, seeds, bar, tracker)
+                            except ChainStopped as e:
+                                stops(e)
                 bar.close()
                 if stopped:
                     raise ChainStopped(f"{len(stopped)} chain(s) stopped on non-finite metrics; the first: {stopped[0]}")
@@ -341,26 +352,42 @@ SEEDS_AT_ONCE = 256  # seeds a vectorised unit computes together: enough to amor
 def run_batch(family, store: RunDir, cfg: ExperimentConfig, policy: Policy, seeds: list[int], bar, tracker: Tracker) -> None:
     """Every seed of one policy, SEEDS_AT_ONCE at a time: one unit of the run directory whose rows stream out
     as each generation of each group of seeds ends."""
-    N, label, unit = cfg.iterations, policy.label, store.batch_dir(policy.label)
-    if store.finished(unit) is not None:
-        bar.update(N * len(seeds))
+    if store.finished(store.batch_dir(policy.label)) is not None:
+        bar.update(cfg.iterations * len(seeds))
         return
     t0 = time.perf_counter()
+    parts = [run_group(family, store, cfg, policy, group, lo, store.append, bar.update) for lo, group in seed_groups(seeds)]
+    finish_unit(store, tracker, cfg, policy, seeds, parts, t0)
+
+
+def seed_groups(seeds: list[int]) -> list[tuple[int, list[int]]]:
+    """(offset, seeds) of each group of SEEDS_AT_ONCE seeds, in order."""
+    return [(lo, seeds[lo : lo + SEEDS_AT_ONCE]) for lo in range(0, len(seeds), SEEDS_AT_ONCE)]
+
+
+def run_group(family, store: RunDir, cfg: ExperimentConfig, policy: Policy, group: list[int], lo: int, append, progress) -> dict:
+    """One group of a vectorised policy's seeds (the `lo`-th seed on): each generation's rows to `append` as it
+    ends, `progress(seed-generations)`, and its last model saved. Returns each metric's array (seeds, N)."""
+    N, label, unit = cfg.iterations, policy.label, store.batch_dir(policy.label)
     arrays = {}
-    for lo in range(0, len(seeds), SEEDS_AT_ONCE):
-        group = seeds[lo : lo + SEEDS_AT_ONCE]
-        for n, metrics, model in batch_chain(family, policy, group, N, cfg.selection(policy), cfg.weight(policy)):
-            check_finite(metrics, f"{label} gen {n} (seeds {group[0]}..{group[-1]})")
-            for k, v in metrics.items():  # NaN where a metric has no value (a selection's, after the last model)
-                if k not in arrays:
-                    arrays[k] = np.full((len(seeds), N), np.nan)
-                arrays[k][lo : lo + len(group), n - 1] = v
-            store.append(batch_lines(label, group, n, {k: v.tolist() for k, v in metrics.items()}))
-            bar.update(len(group))
-        if store.writer:  # the last generation's models, a folder per group of seeds
-            (unit / f"seeds-{lo}").mkdir(parents=True, exist_ok=True)
-            family.save_model(model, unit / f"seeds-{lo}")
-    store.finish_batch(unit, label, seeds, arrays, SEEDS_AT_ONCE)
-    tracker.arrays(label, seeds, arrays)
+    for n, metrics, model in batch_chain(family, policy, group, N, cfg.selection(policy), cfg.weight(policy)):
+        check_finite(metrics, f"{label} gen {n} (seeds {group[0]}..{group[-1]})")
+        for k, v in metrics.items():  # NaN where a metric has no value (a selection's, after the last model)
+            if k not in arrays:
+                arrays[k] = np.full((len(group), N), np.nan)
+            arrays[k][:, n - 1] = v
+        append(batch_lines(label, group, n, {k: v.tolist() for k, v in metrics.items()}))
+        progress(len(group))
+    if store.writer:  # the last generation's models, a folder per group of seeds
+        (unit / f"seeds-{lo}").mkdir(parents=True, exist_ok=True)
+        family.save_model(model, unit / f"seeds-{lo}")
+    return arrays
+
+
+def finish_unit(store: RunDir, tracker: Tracker, cfg: ExperimentConfig, policy: Policy, seeds: list[int], parts: list[dict], t0: float) -> None:
+    """Record a vectorised policy's unit from its groups' arrays, in order, and log it."""
+    arrays = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+    store.finish_batch(store.batch_dir(policy.label), policy.label, seeds, arrays, SEEDS_AT_ONCE)
+    tracker.arrays(policy.label, seeds, arrays)
     means = " ".join(f"{k}={np.nanmean(v[:, -1]):.4g}" for k, v in arrays.items() if not np.isnan(v[:, -1]).all())
-    store.log(f"{label}: {len(seeds)} seeds x {N} iterations, last mean {means} ({time.perf_counter() - t0:.2f}s)")
+    store.log(f"{policy.label}: {len(seeds)} seeds x {cfg.iterations} iterations, last mean {means} ({time.perf_counter() - t0:.2f}s)")

@@ -28,6 +28,14 @@ def user_threads() -> str | None:
     return os.environ.get(THREADS_ENV) or os.environ.get("OMP_NUM_THREADS") or None
 
 
+def threads() -> int:
+    """The cores this process may use: the user's choice (see set_threads), else DEFAULT_THREADS."""
+    try:
+        return max(1, int(user_threads() or DEFAULT_THREADS))
+    except ValueError:
+        return DEFAULT_THREADS
+
+
 def threads_each(n: int) -> str:
     """OMP_NUM_THREADS for each of n processes sharing this machine: the user's choice, else DEFAULT_THREADS."""
     return user_threads() or str(DEFAULT_THREADS)

@@ -290,8 +290,12 @@ class RunDir:
 
     # -- metrics.jsonl and run.log ----------------------------------------------------------------------------
     def append(self, lines: list[str]) -> None:
-        self.appended += len(lines)
-        self._metrics.write("".join(line + "\n" for line in lines))
+        self.append_text("".join(line + "\n" for line in lines))
+
+    def append_text(self, text: str) -> None:
+        """Append whole metric lines, newline-ended."""
+        self.appended += text.count("\n")
+        self._metrics.write(text)
         self._metrics.flush()
 
     def reset_metrics(self, rows: list[dict]) -> None:
@@ -341,6 +345,9 @@ class RunView(RunDir):
         pass
 
     def append(self, lines: list[str]) -> None:
+        pass
+
+    def append_text(self, text: str) -> None:
         pass
 
     def reset_metrics(self, rows: list[dict]) -> None:

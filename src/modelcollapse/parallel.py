@@ -1,0 +1,162 @@
+"""A vectorised run's seeds split over worker processes, when the run may use more than one core (`--threads N`).
+
+A vectorised family computes a policy's seeds SEEDS_AT_ONCE at a time (loop.py); the groups are independent.
+N forked workers each take every N-th group, for every policy in turn, so the designs and test sets a family
+caches for its groups serve all of that worker's policies. (Threads would not do: the work is many small array
+operations, which the GIL keeps to one core.) A worker writes each group's rows to a spool file outside the
+run directory and its arrays, once the group is done, beside it. This process copies the rows into
+metrics.jsonl in the order a one-process run writes them, group by group and policy by policy, following the
+group that is due as its file grows, and records each policy's unit once all its groups are in. So the run
+directory ends byte for byte as a one-process run's does. An interrupt or a worker's error stops every worker;
+a chain whose metrics turn non-finite stops its policy's unit, as in one process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from modelcollapse import loop, procs
+from modelcollapse.errors import RunFailed
+
+POLL = 0.05  # seconds between looks at the workers' files
+
+
+def available() -> bool:
+    """Forked workers inherit the family and the run directory as they are; where there is no fork, one process."""
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def run_split(family, store, cfg, workers: int, bar, tracker, stopped) -> None:
+    """Every unfinished policy of a vectorised run on `workers` processes; `stopped(ChainStopped)` is told of a
+    unit whose chain stopped."""
+    policies = []
+    for policy in cfg.policies:
+        if store.finished(store.batch_dir(policy.label)) is not None:
+            bar.update(cfg.iterations * len(cfg.seeds))
+        else:
+            policies.append(policy)
+    groups = loop.seed_groups(cfg.seeds)
+    ctx = multiprocessing.get_context("fork")
+    done = ctx.Array("q", workers)  # seed-generations each worker has finished, for the progress bar
+    with tempfile.TemporaryDirectory(prefix="modelcollapse-spool-") as tmp:
+        spool = Path(tmp)
+        args = (workers, family, store, cfg, policies, groups, spool, done)
+        pool = [ctx.Process(target=_work, args=(w, *args), daemon=True) for w in range(workers)]
+        for proc in pool:
+            proc.start()
+        try:
+            _collect(store, tracker, cfg, policies, groups, spool, pool, done, bar, stopped)
+        finally:
+            for proc in pool:
+                if proc.is_alive():
+                    proc.terminate()
+                proc.join()
+
+
+def _files(spool: Path, label: str, index: int) -> tuple[Path, Path, Path]:
+    """A group's rows, its arrays (there once the group is done) and its stop message (there if it stopped)."""
+    stem = spool / f"{index}-{label.encode().hex()}"
+    return stem.with_suffix(".jsonl"), stem.with_suffix(".npz"), stem.with_suffix(".stopped")
+
+
+def _work(w: int, workers: int, family, store, cfg, policies, groups, spool: Path, done) -> None:
+    """Worker w: groups w, w + workers, ... of every policy. Ends the process itself (no clean-up of the
+    parent's: the run directory and its lock are the parent's to close)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    procs.die_with_parent()
+
+    def progress(k: int) -> None:
+        with done.get_lock():
+            done[w] += k
+
+    try:
+        for policy in policies:
+            for index in range(w, len(groups), workers):
+                lo, group = groups[index]
+                rows, arrays, stop = _files(spool, policy.label, index)
+                with open(rows, "a") as f:
+                    def append(lines, f=f):
+                        f.write("".join(line + "\n" for line in lines))
+                        f.flush()
+
+                    try:
+                        result = loop.run_group(family, store, cfg, policy, group, lo, append, progress)
+                    except loop.ChainStopped as e:
+                        stop.write_text(str(e))
+                        break  # this policy's later groups: its unit is stopped
+                partial = arrays.with_suffix(".part.npz")
+                np.savez(partial, **result)
+                os.replace(partial, arrays)
+    except BaseException as e:  # noqa: BLE001 - whatever it was, the parent raises it
+        try:
+            payload = pickle.dumps(e)
+        except Exception:  # noqa: BLE001
+            payload = pickle.dumps(RunFailed(f"a worker process failed: {e!r}"))
+        (spool / f"error-{w}").write_bytes(payload)
+        os._exit(1)
+    os._exit(0)
+
+
+def _collect(store, tracker, cfg, policies, groups, spool: Path, pool, done, bar, stopped) -> None:
+    """Copy the groups' rows into metrics.jsonl in order, record each finished unit, and raise a worker's error."""
+    shown = 0
+    for policy in policies:
+        t0, parts = time.perf_counter(), []
+        for index in range(len(groups)):
+            rows, arrays, stop = _files(spool, policy.label, index)
+            offset = 0
+            while True:
+                finished, halted = arrays.exists(), stop.exists()  # looked at before the rows are read
+                offset = _copy_lines(rows, offset, store)
+                shown = _show(done, shown, bar)
+                if finished:
+                    with np.load(arrays) as f:
+                        parts.append({k: f[k] for k in f.files})
+                    break
+                if halted:
+                    stopped(loop.ChainStopped(stop.read_text()))
+                    break
+                _raise_failures(spool, pool)
+                time.sleep(POLL)
+            if len(parts) <= index:
+                break  # the unit stopped: none of its later groups are written
+        else:
+            loop.finish_unit(store, tracker, cfg, policy, cfg.seeds, parts, t0)
+
+
+def _copy_lines(path: Path, offset: int, store) -> int:
+    """Append the whole lines of `path` past `offset` to metrics.jsonl; return the new offset."""
+    if not path.exists():
+        return offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        chunk = f.read()
+    end = chunk.rfind(b"\n") + 1
+    if end:
+        store.append_text(chunk[:end].decode())
+    return offset + end
+
+
+def _show(done, shown: int, bar) -> int:
+    total = sum(done[:])
+    if total > shown:
+        bar.update(total - shown)
+    return total
+
+
+def _raise_failures(spool: Path, pool) -> None:
+    """A worker's error, as it raised it; or one line for a worker that died without a word (killed)."""
+    for path in sorted(spool.glob("error-*")):
+        raise pickle.loads(path.read_bytes())
+    for proc in pool:
+        if proc.exitcode not in (None, 0):
+            raise RunFailed(f"a worker process ended with exit code {proc.exitcode} before its seeds were done")
