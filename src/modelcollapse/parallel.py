@@ -121,6 +121,8 @@ def _collect(store, tracker, cfg, policies, groups, spool: Path, pool, done, bar
                 if finished:
                     with np.load(arrays) as f:
                         parts.append({k: f[k] for k in f.files})
+                    rows.unlink()  # copied: the spool never holds more than the groups in flight
+                    arrays.unlink()
                     break
                 if halted:
                     stopped(loop.ChainStopped(stop.read_text()))
