@@ -126,6 +126,37 @@ def test_selection_is_recorded_and_one_seed_at_a_time_equals_every_seed_at_once(
     assert {(r["policy"], r["seed"], r["iteration"], r["metric"]): r["value"] for r in read_metrics(loop)} == b
 
 
+def test_a_selection_larger_than_the_real_set_relabels_the_real_inputs_cycled(tmp_path):
+    """replace-grown's generation n draws n·T examples: with a selection, example j's candidates are labels of
+    real input j mod T (as the family's own sample cycles through the design), and the fast path still equals
+    the loop on the same draws."""
+    family = linreg.Family(linreg.Config(d=3, T=8))
+    seeds = np.arange(3)
+    real = family.real_data("train", seeds)
+    model = family.fit(real, None, None)
+    from modelcollapse.selection import synthesize
+
+    spec3 = spec(name="top-fraction", score="oracle", oversample=3)
+    data, metrics = synthesize(family, model, 20, real, stream_keys(seeds, "t", 2, "sample"), stream_keys(seeds, "t", 2, "select"),
+                               None, spec3, model, len(seeds))
+    rows, x, y, _ = data.labels_at(np.broadcast_to(np.arange(20), (3, 20)))
+    assert (rows == np.arange(20) % 8).all()
+    # each kept label is the best of its input's 3 candidates under the oracle
+    w_star = family.truth(seeds)[1]
+    candidates = family.sample(model, 60, family.take(real, np.broadcast_to(np.arange(20) % 8, (3, 20))),
+                               stream_keys(seeds, "t", 2, "sample"), None)
+    _, cx, cy, _ = candidates.labels_at(np.broadcast_to(np.arange(60), (3, 60)))
+    best = np.abs(cy - np.einsum("snd,sd->sn", cx, w_star)).reshape(3, 3, 20).min(1)
+    assert np.allclose(np.abs(y - np.einsum("snd,sd->sn", x, w_star)), best)
+    raw = BASE | {"policies": ["replace-grown"], "select": {"name": "top-fraction", "score": "oracle", "oversample": 2}}
+    fast = run_experiment(configlib.from_dict(raw), tmp_path / "fast", progress=False)
+    loop = run_experiment(configlib.from_dict(raw | {"linreg": BASE["linreg"] | {"method": "loop"}}), tmp_path / "loop", progress=False)
+    a = {(r["seed"], r["iteration"], r["metric"]): r["value"] for r in read_metrics(fast)}
+    b = {(r["seed"], r["iteration"], r["metric"]): r["value"] for r in read_metrics(loop)}
+    assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < 1e-9
+    assert a[0, 3, "select_kept_frac"] == 0.5
+
+
 def test_real_weight_is_weighted_least_squares_on_the_stacked_labels():
     family = linreg.Family(linreg.Config(d=3, T=16))
     seeds = np.array([1, 2])
