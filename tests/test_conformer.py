@@ -324,6 +324,53 @@ def test_selection_scores_prefer_sound_conformers(family):
         assert kept[0].tolist() == list(range(n))  # each conformer's real version, not its broken copy
 
 
+
+def test_real_weight_weights_each_conformers_loss(family, fitted, tmp_path):
+    """`real_weight` (issue 13): generated conformers are marked synthetic through sample, take, concat and a
+    reopened sample; a weight over real data alone changes nothing; over real conformers and junk ones (an
+    untrained model's), a heavier real weight fits the real conformers better."""
+    train = family.real_data("train", 0)
+    untrained = TorsionDiffusion(family.net_config())
+    untrained.init_weights(torch.Generator().manual_seed(1))
+    junk = family.sample(untrained, len(train), train, seed=5, workdir=tmp_path)
+    assert train.is_real.all() and not family.load_sample(tmp_path).is_real.any()
+    both = family.concat([train, junk, junk])
+    assert both.is_real.tolist() == [True] * len(train) + [False] * 2 * len(train)
+    assert family.take(both, np.array([len(train), 0])).is_real.tolist() == [False, True]
+    alone = family.fit(train, seed=1, workdir=None, real_weight=0.3)  # nothing to weigh: the unweighted fit
+    for k, v in fitted.state_dict().items():
+        torch.testing.assert_close(alone.state_dict()[k], v, rtol=0, atol=0)
+    loss = {w: family.test_loss(family.fit(both, seed=1, workdir=tmp_path / str(w), real_weight=w), train) for w in (0.1, 0.9)}
+    assert loss[0.9] < loss[0.1] - 0.05, loss  # measured: 0.87 against 1.04
+    record = json.loads((tmp_path / "0.9" / "train.json").read_text())
+    assert record["real_conformers"] == len(train) and record["real_weight"] == 0.9
+
+
+
+@pytest.mark.parametrize("which", ["torsion", "cartesian"])
+def test_molecule_weights_scale_each_molecules_loss_terms(family, cartesian, which):
+    """The loss with per-molecule weights w is Σ_m w_m · (the loss with molecule m's weight 1, the others' 0),
+    and with every weight 1 the unweighted loss: each molecule's terms (torsions, atoms) carry its weight."""
+    fam = family if which == "torsion" else cartesian
+    data = fam.real_data("train", 0)
+    idx = np.arange(5)
+    batch = fam.batch([data.graphs[g] for g in data.graph_idx[idx]], [data.pos[i] for i in idx])
+    model = TorsionDiffusion(fam.net_config()) if which == "torsion" else ConformerDiffusion(fam.net_config())
+    model.init_weights(torch.Generator().manual_seed(0))
+    for p in model.parameters():  # non-zero heads
+        p.data.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+
+    def loss(w=None):
+        g = torch.Generator().manual_seed(3)  # the same noise levels and noise every call
+        return model(batch, generator=g, mol_weight=w)[1].item()
+
+    w = torch.tensor([0.5, 2.0, 0.0, 1.5, 1.0])
+    parts = [loss(torch.eye(5)[m]) for m in range(5)]
+    assert min(parts) > 0
+    assert loss(w) == pytest.approx(float(w @ torch.tensor(parts)), rel=1e-5)
+    assert loss(torch.ones(5)) == pytest.approx(loss(), rel=1e-6)
+
+
 # -- torsions -------------------------------------------------------------------------------------------------
 def test_torsions_get_and_set_round_trip_on_a_real_molecule():
     mol, pos = embedded("CC(C)Cc1ccc([C@H](C)C(=O)O)cc1", 1)  # ibuprofen: 4 rotatable bonds
@@ -677,20 +724,23 @@ def test_baselines_are_computed_once_and_drawn(family, monkeypatch):
 # -- the loop and the command line ----------------------------------------------------------------------------
 def test_tiny_run_through_the_loop(smiles_file, tmp_path):
     cfg = configlib.from_dict({
-        "name": "conformer-tiny", "family": "conformer", "policies": ["replace", "accumulate"], "iterations": 2,
+        "name": "conformer-tiny", "family": "conformer", "iterations": 2,
+        "policies": ["replace", "accumulate", {"name": "mix", "real_fraction": 0.5, "real_weight": 0.8}],
         "seeds": 1, "device": "cpu",
         "conformer": dict(TINY, data=str(smiles_file), max_molecules=len(SMILES), train_steps=10),
     })
     out = run_experiment(cfg, tmp_path / "run", progress=False)
     rows = read_metrics(out)
     losses = {(r["policy"], r["iteration"]): r["value"] for r in rows if r["metric"] == "test_loss"}
-    assert set(losses) == {(p, n) for p in ("replace", "accumulate") for n in (1, 2)}
+    assert set(losses) == {(p, n) for p in ("replace", "accumulate", "mix-0.5+w0.8") for n in (1, 2)}
     assert losses[("replace", 1)] == losses[("accumulate", 1)]  # generation 1 is one shared fit on real data
     gen = out / "replace" / "seed-0"
     assert (gen / "gen-1" / "synthetic.npz").exists() and (gen / "gen-2" / "samples.png").exists()
     assert (gen / "gen-2" / "model.safetensors").exists()
     fit = json.loads((gen / "gen-2" / "train.json").read_text())
     assert fit["data_left_out"] == {"fewer than 1 rotatable bond": len(RIGID)}  # counted in every generation
+    weighted = json.loads((out / "mix-0.5+w0.8" / "seed-0" / "gen-2" / "train.json").read_text())
+    assert weighted["real_weight"] == 0.8 and 0 < weighted["real_conformers"] < weighted["train_conformers"]
 
 
 @pytest.mark.parametrize("case", ["rigid", "model", "no 3-D"])

@@ -18,6 +18,8 @@ Models (`model`):
 Fitting runs `train_steps` optimizer steps whatever the dataset's size (every policy gets the same compute per
 generation, as GeoDiff trains for a fixed number of iterations), or, with `train_epochs`, that many passes over
 the training set (a budget that grows with accumulate's data, as the language models' one epoch does).
+With `real_weight` w (issue 13) each conformer's loss terms are weighted so that the real conformers carry a
+share w of the loss over the training set, whatever their count.
 
 Metrics (metrics.py), per generation:
 - `test_loss`: the model's own denoising objective on every real held-out conformer, at noise levels and with
@@ -57,7 +59,7 @@ from tqdm import tqdm
 
 from modelcollapse.errors import BadInput
 from modelcollapse.families import DataUnavailable
-from modelcollapse.families.common import autocast, load_module, save_module, warmup_cosine
+from modelcollapse.families.common import autocast, example_weights, load_module, save_module, warmup_cosine
 from modelcollapse.seeding import derive_seed, rng
 from modelcollapse.store import atomic_write_bytes, atomic_write_json
 
@@ -177,6 +179,7 @@ class Config(BaseModel):
 
 class Family:
     keeps_inputs = True  # synthetic conformers are new coordinates for the real training graphs
+    weights_real = True  # fit takes real_weight: per-conformer loss weights
 
     def __init__(self, config: Config, *, device: str, cache_dir: Path):
         self.config = config
@@ -246,8 +249,19 @@ class Family:
         # cosine decay to a tenth of the peak at the last step
         return warmup_cosine(step, steps, self.config.lr, max(1, steps // 20), 0.1 * self.config.lr)
 
-    def fit(self, train: ConformerSet, seed: int, workdir: Path) -> TorsionDiffusion | ConformerDiffusion:
+    def loss_terms(self, data: ConformerSet) -> np.ndarray:
+        """How many terms each conformer adds to the loss: its torsions (torsion model) or atoms (Cartesian)."""
+        per_graph = [len(g.torsions) if self.config.model == "torsion" else g.n_atoms for g in data.graphs]
+        return np.array(per_graph, dtype=float)[data.graph_idx]
+
+    def fit(self, train: ConformerSet, seed: int, workdir: Path, real_weight: float | None = None) -> TorsionDiffusion | ConformerDiffusion:
+        """A fresh model, trained for `steps` optimizer steps on batches of `train`. With `real_weight` w, each
+        conformer's loss terms (torsions or atoms) are weighted so that the real conformers carry a share w of
+        the loss over `train` and the synthetic ones 1 − w (common.example_weights: the weights average to 1
+        over the terms, so the learning rate keeps its meaning)."""
         c = self.config
+        weights = None if real_weight is None else torch.from_numpy(
+            example_weights(train.is_real, real_weight, self.loss_terms(train))).to(self.device)
         net = self.net_config()
         model = TorsionDiffusion(net) if c.model == "torsion" else ConformerDiffusion(net)
         model.init_weights(torch.Generator().manual_seed(derive_seed(seed, "init")))  # on the CPU: same on any device
@@ -265,7 +279,7 @@ class Family:
             for group in opt.param_groups:
                 group["lr"] = self.lr(step, steps)
             with autocast(self.device):
-                _, loss = model(batch, generator=noise)
+                _, loss = model(batch, generator=noise, mol_weight=None if weights is None else weights[torch.from_numpy(idx)])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -278,6 +292,7 @@ class Family:
             return model
         atomic_write_json(Path(workdir) / "train.json", {
             "model": c.model, "train_conformers": len(train), "train_molecules": len(train.graphs), "steps": steps,
+            "real_conformers": int(train.is_real.sum()), "real_weight": real_weight,
             "seconds": round(time.perf_counter() - t0, 3), "data_left_out": self.left_out, "loss_every": every,
             "train_loss": [float(np.mean(losses[k:k + every])) for k in range(0, len(losses), every)],
         })
@@ -298,7 +313,7 @@ class Family:
                 with autocast(self.device):
                     x = model.sample(self.batch(graphs, start_pos), c.sample_steps, g, bar).float().cpu().numpy()
                 pos.extend(np.split(x, np.cumsum([gr.n_atoms for gr in graphs])[:-1]))
-        return ConformerSet(like.graphs, like.graph_idx, pos)
+        return ConformerSet(like.graphs, like.graph_idx, pos, np.zeros(len(like), dtype=bool))
 
     def sample(self, model, size: int, like: ConformerSet, seed: int, workdir: Path) -> ConformerSet:
         """New conformers for the real training graphs: one for every conformer of `like`, as many times over as
@@ -313,7 +328,9 @@ class Family:
         return synthetic
 
     def load_sample(self, workdir: Path) -> ConformerSet:
-        return D.load_set(Path(workdir) / "synthetic")[0]
+        synthetic = D.load_set(Path(workdir) / "synthetic")[0]
+        synthetic.is_real[:] = False
+        return synthetic
 
     # -- selection ------------------------------------------------------------------------------------------
     def score(self, data: ConformerSet, name: str, model, reference, seed) -> np.ndarray:

@@ -209,6 +209,11 @@ class ConformerSet:
     graphs: list[MolGraph]  # the distinct graphs
     graph_idx: np.ndarray  # (M,) the graph of each conformer
     pos: list[np.ndarray]  # M arrays (N_g, 3) float32, Å, in the graph's atom order
+    is_real: np.ndarray | None = None  # (M,) bool: which conformers are real (for `real_weight`); default all
+
+    def __post_init__(self):
+        if self.is_real is None:
+            self.is_real = np.ones(len(self.graph_idx), dtype=bool)
 
     def __len__(self) -> int:
         return len(self.graph_idx)
@@ -218,7 +223,7 @@ class ConformerSet:
         used = list(dict.fromkeys(int(g) for g in self.graph_idx[idx]))
         remap = {g: k for k, g in enumerate(used)}
         return ConformerSet([self.graphs[g] for g in used], np.array([remap[int(self.graph_idx[i])] for i in idx],
-                            dtype=np.int64), [self.pos[i] for i in idx])
+                            dtype=np.int64), [self.pos[i] for i in idx], self.is_real[np.asarray(idx, dtype=np.int64)])
 
     def conformers_of(self) -> list[list[int]]:
         """For each graph, the indices of its conformers."""
@@ -238,7 +243,8 @@ def concat(sets: list[ConformerSet]) -> ConformerSet:
                 graphs.append(graph)
             graph_idx.append(index[graph.key])
         pos.extend(s.pos)
-    return ConformerSet(graphs, np.array(graph_idx, dtype=np.int64), pos)
+    is_real = np.concatenate([s.is_real for s in sets]) if sets else np.zeros(0, dtype=bool)
+    return ConformerSet(graphs, np.array(graph_idx, dtype=np.int64), pos, is_real)
 
 
 def split_by_molecule(data: ConformerSet, test_molecules: int) -> tuple[ConformerSet, ConformerSet]:

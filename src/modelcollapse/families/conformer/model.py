@@ -205,11 +205,12 @@ class ConformerDiffusion(nn.Module):
         s = torch.where(is_local, self.local_head(h, i, j, e), self.global_head(h, i, j, e))
         return i, j, dist.clamp(min=1e-2), is_local, s
 
-    def forward(self, batch: Batch, t=None, noise=None, generator=None):
+    def forward(self, batch: Batch, t=None, noise=None, generator=None, mol_weight=None):
         """GeoDiff's loss on `batch.pos`: the distance-space denoising directions, mapped to atoms, local
-        head weighted 5 and global head 2, summed over axes, mean over atoms. t (n_mols,) and noise (N, 3) are
-        drawn from `generator` unless given. Returns ((pred_local, target_local, pred_global, target_global),
-        each (N, 3)), loss)."""
+        head weighted 5 and global head 2, summed over axes, mean over atoms (each atom's term weighted by its
+        molecule's `mol_weight` (n_mols,) when given: `real_weight`). t (n_mols,) and noise (N, 3) are drawn
+        from `generator` unless given. Returns ((pred_local, target_local, pred_global, target_global), each
+        (N, 3)), loss)."""
         if t is None:
             t = torch.randint(0, self.config.diffusion_steps, (batch.n_mols,), generator=generator,
                               device=generator.device if generator else None).to(batch.pos.device)
@@ -226,6 +227,8 @@ class ConformerDiffusion(nn.Module):
                     eq_transform(target[mask], x, i[mask], j[mask], d[mask])]
         c = self.config
         per_atom = (c.local_weight * ((out[0] - out[1]) ** 2).sum(-1) + c.global_weight * ((out[2] - out[3]) ** 2).sum(-1))
+        if mol_weight is not None:
+            per_atom = per_atom * mol_weight[batch.mol]
         return tuple(out), per_atom.mean()
 
     def noise_like(self, batch: Batch, generator: torch.Generator | None) -> torch.Tensor:

@@ -220,9 +220,10 @@ class TorsionDiffusion(nn.Module):
         own = (coef[:, :N_HARMONICS] * phi.sin() + coef[:, N_HARMONICS:] * phi.cos()).sum(-1)  # (K,)
         return (torque + own) * score_norm(sigma[batch.tor_mol], self.config).sqrt()  # the paper's output scaling
 
-    def forward(self, batch: TorsionBatch, sigma=None, delta=None, generator=None):
+    def forward(self, batch: TorsionBatch, sigma=None, delta=None, generator=None, mol_weight=None):
         """The weighted denoising score-matching loss of batch.base.pos's torsions. sigma (n_mols,) is drawn
-        log-uniform and the torsion noise delta (K,) wrapped-normal from `generator`, unless given.
+        log-uniform and the torsion noise delta (K,) wrapped-normal from `generator`, unless given; each
+        torsion's term is further weighted by its molecule's `mol_weight` (n_mols,) when given (`real_weight`).
         Returns (predicted score, target score, weight 1/E[score²]), each (K,), and the loss."""
         c = self.config
         n = batch.base.n_mols
@@ -238,7 +239,10 @@ class TorsionDiffusion(nn.Module):
         pred = self.score(batch, pos, sigma)
         target = wrapped_normal_score(delta, sig_k)
         weight = 1.0 / score_norm(sig_k, c)
-        return (pred, target, weight), (weight * (pred - target) ** 2).mean()
+        terms = weight * (pred - target) ** 2
+        if mol_weight is not None:
+            terms = terms * mol_weight[batch.tor_mol]
+        return (pred, target, weight), terms.mean()
 
     @torch.no_grad()
     def sample(self, batch: TorsionBatch, steps: int, generator: torch.Generator | None = None, progress=None):
