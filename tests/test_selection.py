@@ -318,10 +318,20 @@ def test_kde_truth_densities_integrate_to_one_and_weighted_kernels_are_the_weigh
 
 
 def test_a_kde_without_noise_has_no_likelihood_to_select_by(tmp_path):
+    """Refused when the config is read (one line, exit 2, nothing written), not at the first selection."""
     fam = kde.Family(kde.Config(noise=0.0))
     real = fam.real_data("train", np.array([0]))
     with pytest.raises(BadInput, match="kde.noise = 0: the moons distribution has no density"):
         fam.score(real, "likelihood", None, None, None)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('family = "kde"\npolicies = ["accumulate", {name = "replace", select = {name = "top-fraction", score = "verifier"}}]\n'
+                   'iterations = 2\nseeds = 1\n[kde]\nnoise = 0.0\n')
+    r = cli("run", cfg, "--out", tmp_path / "run")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == ["error: config error: kde.noise = 0: the moons distribution has no density, so the "
+                                             "'verifier' score is undefined; give noise > 0"]
+    assert not (tmp_path / "run").exists()
+    configlib.from_dict({"family": "kde", "policies": ["replace"], "iterations": 2, "seeds": 1, "kde": {"noise": 0.0}})  # no selection: fine
 
 
 def test_the_report_draws_a_familys_curve_for_the_runs_own_selection(tmp_path):

@@ -232,6 +232,8 @@ def _check_capabilities(cfg: ExperimentConfig) -> None:
             if chosen.score not in spec.scores:
                 have = ", ".join(spec.scores) or "none"
                 raise BadInput(f"config error: {where}.score: the {spec.table} family provides no score {chosen.score!r}; it has {have}")
+            if spec.check_score is not None:
+                spec.check_score(cfg.family_config, chosen.score)
         if cfg.weight(policy) is not None and not getattr(family, "weights_real", False):
             where = f"policies.{i}.real_weight" if policy.real_weight is not None else "real_weight"
             raise BadInput(f"config error: {where}: the {spec.table} family cannot weight real against synthetic examples")

@@ -13,7 +13,9 @@ importable module (`my_package.my_module`) or a path to a `.py` file — and rea
   world)` (the family trains data-parallel; raises BadInput when it cannot be split over `world` processes),
   `memory_estimate(config, seeds, iterations, vectorised)` (bytes a run will hold at its peak, so one that
   cannot fit in memory is refused before it starts), `SCORES` ({name: what it measures}, the scores
-  `Family.score` gives a selection stage), `report_figures(run_dir, out_dir)` (the family's own figures of a
+  `Family.score` gives a selection stage), `check_score(config, name)` (raises BadInput when the score
+`name` is undefined under `config`, so a config asking for it is refused before anything runs),
+`report_figures(run_dir, out_dir)` (the family's own figures of a
   run, drawn from its run directory into out_dir: a list of (title, PNG file name)).
 - optional, module level, for the report's words: `CLAIM` (one or two sentences: what a run of the family
   tests, e.g. "replace grows, accumulate stays bounded"), `METRICS` ({name: (definition, unit, better)}, a
@@ -158,6 +160,7 @@ class FamilyModule:
     check_data_parallel: Callable[[BaseModel, int], None] | None = None
     memory_estimate: Callable[[BaseModel, int, int, bool], int] | None = None
     report_figures: Callable[[Path, Path], list[tuple[str, str]]] | None = None
+    check_score: Callable[[BaseModel, str], None] | None = None
     scores: dict = None  # name -> what it measures: the scores `Family.score` gives a selection stage
     claim: str = DEFAULT_CLAIM
     metrics: dict = None  # name (or a pattern ending in *) -> MetricInfo
@@ -264,7 +267,7 @@ def load_family(name: str) -> FamilyModule:
     missing = [m for m in METHODS if not callable(getattr(family_cls, m, None))]
     if missing:
         raise BadInput(f"config error: family: {name!r}: Family lacks {', '.join(missing)}")
-    optional = {k: getattr(module, k, None) for k in ("theory", "export", "check_data_parallel", "memory_estimate", "report_figures")}
+    optional = {k: getattr(module, k, None) for k in ("theory", "export", "check_data_parallel", "memory_estimate", "report_figures", "check_score")}
     for k, f in optional.items():
         if f is not None and not callable(f):
             raise BadInput(f"config error: family: {name!r}: {k} must be a function")

@@ -64,6 +64,12 @@ BLOB_CENTRES = np.array([[-2.0, 0.0], [2.0, 0.0], [0.0, 2 * math.sqrt(3)]])
 NOISE = {"moons": 0.1, "circles": 0.05, "blobs": 0.5, "swiss_roll": 0.5}  # each generator's noise, unless given
 
 
+def check_score(config: "Config", name: str) -> None:
+    """Both scores are log-densities: a toy set drawn without noise lies on a curve and has none."""
+    if config.noise_level == 0:
+        raise BadInput(f"config error: kde.noise = 0: the {config.dataset} distribution has no density, so the {name!r} score is undefined; give noise > 0")
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dataset: Literal["moons", "circles", "blobs", "swiss_roll"] = Field("moons", description="scikit-learn's 2-D toy set")
@@ -82,6 +88,10 @@ class Config(BaseModel):
         if not ok:
             raise ValueError("must be a positive number, 'scott' or 'silverman'")
         return v
+
+    @property
+    def noise_level(self) -> float:
+        return NOISE[self.dataset] if self.noise is None else self.noise
 
     def bandwidth_for(self, N: int, d: int = 2) -> float:
         """h for a training set of N points (scikit-learn's KernelDensity rules)."""
@@ -238,7 +248,7 @@ class Family:
     def __init__(self, config: Config, *, device: str = "cpu", cache_dir: Path | None = None):
         self.config = config
         self.vectorised = config.method == "fast"
-        self.noise = NOISE[config.dataset] if config.noise is None else config.noise
+        self.noise = config.noise_level
         self._scored: tuple | None = None  # (parts, h, test set, their log kernel sums): accumulate extends it
 
     def draw(self, seeds: np.ndarray, split: str, draw: int, n: int) -> np.ndarray:
@@ -271,8 +281,7 @@ class Family:
 
     def score(self, data: Points, name: str, model: Fitted, reference: Fitted | None, seed) -> np.ndarray:
         """Each point's log-density (S, n) under the toy set's distribution, or shifted by the seed's verifier (SCORES)."""
-        if self.noise == 0:
-            raise BadInput(f"kde.noise = 0: the {self.config.dataset} distribution has no density, so the {name!r} score is undefined; give noise > 0")
+        check_score(self.config, name)
         x = np.concatenate(data.parts, axis=1)
         if name == "verifier":
             x = x - self.verifier(data.seeds)[:, None, :]
