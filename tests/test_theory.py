@@ -64,7 +64,13 @@ def test_empirical_test_mse_reads_the_same_quantity():
      {"d": 3, "n": 10, "sigma2": 2.0, "estimator": "unbiased"}, "replace"),
     (["categorical", "--policy", "mix", "--real-fraction", "0.5", "--k", "10", "--n", "20", "--zipf", "1.1"], "categorical",
      {"k": 10, "n": 20, "zipf": 1.1}, {"name": "mix", "real_fraction": 0.5}),
-])
+    (["categorical", "--policy", "fresh", "--real-fraction", "0.5", "--k", "4", "--n", "12", "--zipf", "1", "--reward", "0,1,3,2",
+      "--select", "k-choice", "--score", "reward", "--select-k", "3", "--temperature", "0.5"], "categorical",
+     {"k": 4, "n": 12, "zipf": 1.0, "reward": [0.0, 1.0, 3.0, 2.0]},
+     {"name": "fresh", "real_fraction": 0.5, "select": {"name": "k-choice", "score": "reward", "k": 3, "temperature": 0.5}}),
+    (["gaussian", "--policy", "mix", "--real-fraction", "0.5", "--real-weight", "0.7", "--d", "2", "--n", "10"], "gaussian",
+     {"d": 2, "n": 10}, {"name": "mix", "real_fraction": 0.5, "real_weight": 0.7}),
+], ids=["gaussian", "categorical", "categorical curation", "gaussian weighted"])
 def test_theory_command_prints_the_familys_curves(args, family, config, policy):
     import json
 
@@ -77,6 +83,7 @@ def test_theory_command_prints_the_familys_curves(args, family, config, policy):
     spec = load_family(family)
     expected = spec.theory(spec.Config(**config), from_spec(policy), 6)
     assert got["iteration"] == list(range(1, 7)) and set(got) == {"family", "policy", "iteration", *expected}
+    assert got["policy"] == from_spec(policy).label
     for metric, curve in expected.items():
         assert np.allclose(got[metric], curve, rtol=1e-12)
     table = cli("theory", *args, "--iterations", "6")
@@ -91,6 +98,11 @@ def test_theory_command_prints_the_familys_curves(args, family, config, policy):
     (["categorical", "--policy", "nope"], "unknown policy 'nope'"),
     (["gaussian", "--estimator", "median"], "estimator"),
     (["categorical", "--iterations", "0"], "iterations must be at least 1"),
+    (["categorical", "--select-k", "3"], "name it with --select"),
+    (["categorical", "--policy", "replace", "--k", "4", "--n", "8", "--select", "top-fraction", "--score", "reward"],
+     "no exact curve for policy 'replace\\+top-fraction-reward-x4'"),
+    (["categorical", "--reward", "up"], "--reward must be head, tail or comma-separated numbers"),
+    (["linreg", "--real-weight", "0.5"], "no exact curve with a selection or a real weight"),
 ])
 def test_theory_command_bad_input_is_one_line_and_exit_2(args, message):
     import re

@@ -101,7 +101,17 @@ def run(
 
 
 THEORY_OPTIONS = {"linreg": ("d", "T", "sigma2"), "gaussian": ("d", "n", "sigma2", "estimator"),
-                  "categorical": ("k", "n", "zipf", "smoothing")}
+                  "categorical": ("k", "n", "zipf", "smoothing", "reward")}
+
+
+def _reward(value: str) -> str | list[float]:
+    """--reward: head, tail, or K comma-separated numbers (the categorical table's `reward`)."""
+    if value in ("head", "tail"):
+        return value
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise BadInput(f"theory categorical: --reward must be head, tail or comma-separated numbers (got {value!r})") from None
 
 
 @app.command()
@@ -117,23 +127,36 @@ def theory(
     k: Optional[int] = typer.Option(None, "--k", metavar="K", help="categorical: outcomes"),
     zipf: Optional[float] = typer.Option(None, "--zipf", metavar="S", help="categorical: Zipf exponent of the truth (0: uniform)"),
     smoothing: Optional[float] = typer.Option(None, "--smoothing", metavar="A", help="categorical: additive smoothing α (default 0)"),
+    reward: Optional[str] = typer.Option(None, "--reward", metavar="R", help="categorical: the reward of each outcome: head (default), tail, or K comma-separated numbers"),
+    select: Optional[str] = typer.Option(None, "--select", metavar="NAME", help="the policy's selection stage (select.name): k-choice has exact curves (categorical, on the reward)"),
+    score: Optional[str] = typer.Option(None, "--score", metavar="S", help="select.score, e.g. reward"),
+    select_k: Optional[int] = typer.Option(None, "--select-k", metavar="K", help="select.k: candidates per kept draw (default 4)"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", metavar="T", help="select.temperature (default 1)"),
+    real_weight: Optional[float] = typer.Option(None, "--real-weight", metavar="W", help="the real examples' share of the fit (gaussian: exact under mix and fresh)"),
     iterations: int = typer.Option(10, "--iterations", metavar="N", help="model-fitting iterations"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object instead of a table"),
 ):
     """Exact expected metrics per iteration: linreg's Theorems 1 and 2; the gaussian's and categorical's
-    closed forms and chains (docs/theory.md)."""
+    closed forms and chains, with a real weight or a k-choice curation where they are exact (docs/theory.md)."""
     from modelcollapse import theory as th
 
     if family not in THEORY_OPTIONS:
         raise BadInput(f"theory: no closed forms for family {family!r}; choose one of {', '.join(THEORY_OPTIONS)}")
-    given = {key: v for key, v in dict(d=d, T=T, n=n, sigma2=sigma2, estimator=estimator, k=k, zipf=zipf, smoothing=smoothing).items() if v is not None}
+    given = {key: v for key, v in dict(d=d, T=T, n=n, sigma2=sigma2, estimator=estimator, k=k, zipf=zipf, smoothing=smoothing,
+                                       reward=reward).items() if v is not None}
     stray = [f"--{key}" for key in given if key not in THEORY_OPTIONS[family]]
     if stray:
         raise BadInput(f"theory {family}: {', '.join(stray)} is not an option of {family}; its options are {', '.join('--' + o for o in THEORY_OPTIONS[family])}")
+    if "reward" in given:
+        given["reward"] = _reward(given["reward"])
+    chosen = {key: v for key, v in dict(name=select, score=score, k=select_k, temperature=temperature).items() if v is not None}
+    if chosen and select is None:
+        raise BadInput(f"theory {family}: --score, --select-k and --temperature set a selection stage; name it with --select")
     if family != "linreg":
         if policy in ("mix", "fresh") and real_fraction is None:
             raise BadInput(f"theory {family}: --policy {policy} needs --real-fraction λ (0 < λ < 1)")
         spec = {"name": policy} if real_fraction is None else {"name": policy, "real_fraction": real_fraction}
+        spec |= ({"select": chosen} if chosen else {}) | ({"real_weight": real_weight} if real_weight is not None else {})
         config, resolved, curves = th.family_curves(family, spec, given, iterations)
         curves = {key: [float(v) for v in values] for key, values in curves.items()}
         if as_json:
@@ -145,6 +168,8 @@ def theory(
         for i in range(iterations):
             typer.echo("\t".join([str(i + 1), *(f"{curves[key][i]:.6g}" for key in curves)]))
         return
+    if chosen or real_weight is not None:
+        raise BadInput("theory linreg: no exact curve with a selection or a real weight (docs/theory.md)")
     d, T, sigma2 = given.get("d", 10), given.get("T", 111), given.get("sigma2", 1.0)
     errors = th.linreg_test_error(policy, d, T, sigma2, iterations)
     c = th.linreg_c(d, T, sigma2)
