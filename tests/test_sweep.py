@@ -150,6 +150,36 @@ def test_an_axis_of_tables_sets_its_keys_together(env, tmp_path_factory, tmp_pat
     assert "| cell | size | sigma2 | replace (last iteration) |" in (tmp_path / "rep" / "summary.md").read_text()
 
 
+def test_a_grid_crosses_selection_and_real_weight_keys(env, tmp_path_factory):
+    """Issue 13: any `select.*` or `real_weight` key is a sweep axis like a family's."""
+    text = """[base]
+name = "sel"
+family = "linreg"
+policies = [{name = "mix", real_fraction = 0.5}]
+iterations = 3
+seeds = 2
+[base.select]
+name = "k-choice"
+score = "verifier"
+[base.linreg]
+d = 3
+T = 12
+[grid]
+"select.k" = [2, 3]
+real_weight = [0.6]
+"""
+    root, r = sweep(tmp_path_factory, "select-grid", text)
+    assert r.returncode == 0, r.stderr
+    out = root / "out"
+    assert [c["name"] for c in json.loads((out / "sweep.json").read_text())["cells"]] == ["k-2_real_weight-0.6", "k-3_real_weight-0.6"]
+    manifest = json.loads((out / "k-3_real_weight-0.6" / "manifest.json").read_text())
+    assert manifest["config"]["select"]["k"] == 3 and manifest["config"]["real_weight"] == 0.6
+    kept = {c: {r["value"] for r in read_metrics(out / c) if r["metric"] == "select_kept_frac"} for c in ("k-2_real_weight-0.6", "k-3_real_weight-0.6")}
+    assert kept == {"k-2_real_weight-0.6": {1 / 2}, "k-3_real_weight-0.6": {1 / 3}}
+    header = (out / "results.csv").read_text().splitlines()[0]
+    assert header.replace('"', "") == "cell,select.k,real_weight,policy,seed,iteration,metric,value"
+
+
 def test_tiny_lm_grid(lm_local):
     out = lm_local / "out"
     index = json.loads((out / "sweep.json").read_text())
