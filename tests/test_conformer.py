@@ -599,6 +599,21 @@ def test_a_small_sample_draws_from_every_part_of_like(family, fitted, tmp_path):
     assert {g.key for g in half.graphs} - first_half
 
 
+def test_a_selection_draws_its_candidates_for_the_conformers_sample_would_regenerate(family, fitted):
+    """A selection for fewer conformers than the real set (mix, fresh) regenerates the same random subset of
+    them as a plain sample, k candidates each, not the first ones; for more (replace-grown) every one and then
+    the subset again."""
+    from modelcollapse.selection import SelectSpec, synthesize
+
+    train = family.real_data("train", 0)
+    spec = SelectSpec(name="top-fraction", score="rdkit_valid", oversample=2)
+    for size in (len(train) // 2, len(train) + 3):
+        kept, metrics = synthesize(family, fitted, size, train, 5, 6, None, spec, fitted)
+        plain = family.sample(fitted, size, train, seed=5, workdir=None)
+        assert [kept.graphs[g].key for g in kept.graph_idx] == [plain.graphs[g].key for g in plain.graph_idx]
+        assert metrics["select_kept_frac"] == 0.5 and not kept.is_real.any()
+
+
 def test_corrupt_sample_files_are_bad_input(family, tmp_path):
     train = family.real_data("train", 0)
     D.save_set(tmp_path / "synthetic", train)

@@ -8,9 +8,11 @@
 The newest model draws `oversample` × size candidates (k-choice: k × size). Candidate i is a candidate for
 example i mod size: for families whose synthetic data keep the real inputs (`Family.keeps_inputs`: linreg
 relabels the real design, conformer re-generates the real molecules), the k candidates of example j are k
-labels of the same input, real input j mod |real| (a synthetic set larger than the real one, e.g.
-replace-grown's, cycles through the real inputs as the family's own sample does), and each selector keeps at
-most one of them; for the others the grouping is only a bookkeeping of i.i.d. draws.
+labels of the same input: the j-th of `Family.inputs(like, size, seed)` where the family says which real
+inputs a synthetic set of that size regenerates (conformer: each real conformer, and a random subset for a
+remainder, as its own sample does), else real input j mod |real| (a synthetic set larger than the real one,
+e.g. replace-grown's, cycles through the real inputs, as linreg's sample does). Each selector keeps at most
+one candidate per input; for the other families the grouping is only a bookkeeping of i.i.d. draws.
 
 - top-fraction: the `size` best-scored candidates (for input-keeping families, each input's best of its k);
 - threshold: candidates scoring at least `min_score`, the first ones in draw order (each input's first), up to
@@ -170,8 +172,8 @@ def synthesize(family, model, size: int, like, seed, select_seed, workdir, spec:
         return family.sample(model, size, like, seed, workdir), {}
     batched = bool(getattr(family, "batched", False))
     per_input = bool(getattr(family, "keeps_inputs", False))
-    if per_input:  # k candidates for each of `size` inputs: the real ones in order, cycled when size exceeds them
-        first = np.arange(size) % family.size(like)
+    if per_input:  # k candidates for each of `size` inputs: the family's choice, else the real ones in order, cycled
+        first = family.inputs(like, size, seed) if hasattr(family, "inputs") else np.arange(size) % family.size(like)
         like = family.take(like, np.broadcast_to(first, (n_seeds, size)) if batched else first)
     candidates = family.sample(model, size * spec.candidates_per_example, like, seed, workdir)
     scores = np.asarray(family.score(candidates, spec.score, model, reference, select_seed), dtype=float)

@@ -29,10 +29,11 @@ Optional on `Family`, for the selection stage and weighting (selection.py): `sco
 reference, seed)` (a score per example, higher is better; `model` drew the data, `reference` is generation
 1's model), `take(data, indices)` (the examples at those indices, in order), `keeps_inputs = True` (synthetic
 examples relabel the real inputs, so the k candidates of example j are k outputs for input j — `sample` is
-then asked for candidates of `size` inputs: `like`'s in order, cycled when `size` exceeds them), `weights_real = True` (its `fit` takes
-`real_weight`, the share of the loss carried by real examples). A grouped family that selects also gives
-`example_sizes(data)`, the units each example holds (lm: each story's tokens), so a selection keeps whole
-examples up to the synthetic size in units.
+then asked for candidates of `size` inputs: `like`'s in order, cycled when `size` exceeds them, or the ones
+an optional `inputs(like, size, seed)` names, the indices of `like` its own `sample` would regenerate),
+`weights_real = True` (its `fit` takes `real_weight`, the share of the loss carried by real examples). A
+grouped family that selects also gives `example_sizes(data)`, the units each example holds (lm: each story's
+tokens), so a selection keeps whole examples up to the synthetic size in units.
 
 The loop, report and command line ask the `FamilyModule` that `load_family` returns; none of them looks
 inside a family for other names.

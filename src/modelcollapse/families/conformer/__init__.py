@@ -315,14 +315,17 @@ class Family:
                 pos.extend(np.split(x, np.cumsum([gr.n_atoms for gr in graphs])[:-1]))
         return ConformerSet(like.graphs, like.graph_idx, pos, np.zeros(len(like), dtype=bool))
 
-    def sample(self, model, size: int, like: ConformerSet, seed: int, workdir: Path) -> ConformerSet:
-        """New conformers for the real training graphs: one for every conformer of `like`, as many times over as
-        `size` allows, and one for each of a random subset of them for the remainder (not the first ones, which
-        would favour some molecules when a policy asks for fewer than |like|)."""
+    def inputs(self, like: ConformerSet, size: int, seed: int) -> np.ndarray:
+        """Which conformers of `like` `size` synthetic ones regenerate: every one, as many times over as `size`
+        allows, and a random subset of them for the remainder (not the first ones, which would favour some
+        molecules when a policy asks for fewer than |like|). A selection asks for its candidates' inputs here."""
         rounds, rest = divmod(size, len(like))
         extra = np.sort(rng(derive_seed(seed, "like")).choice(len(like), size=rest, replace=False))
-        idx = np.concatenate([np.tile(np.arange(len(like)), rounds), extra])
-        synthetic = self.generate(model, like.take(idx), seed)
+        return np.concatenate([np.tile(np.arange(len(like)), rounds), extra])
+
+    def sample(self, model, size: int, like: ConformerSet, seed: int, workdir: Path) -> ConformerSet:
+        """New conformers for the real training graphs of `like`, at `inputs`."""
+        synthetic = self.generate(model, like.take(self.inputs(like, size, seed)), seed)
         if workdir is not None:
             D.save_set(Path(workdir) / "synthetic", synthetic)
         return synthetic
