@@ -6,12 +6,13 @@ do (repetition penalty, beam search).
 
 Nothing is downloaded: every `from_pretrained` here reads a local directory (`local_files_only`).
 
-Exporting changes only the layout, never the function: our fused projections are split (Llama) or transposed
-(GPT-2's Conv1D stores weights as (in, out)); RoPE already uses HF's split-halves layout (model.apply_rope),
-so q/k need no permutation. Importing is the inverse, with three more cases: GPT-2's tanh GELU ("gelu_new"),
-grouped-query attention (each key/value head repeated for the query heads that share it: the same function,
-as transformers' `repeat_kv` computes it) and untied output heads. An architecture or setting outside those
-(OPT, Qwen, Llama-3's scaled RoPE, biases in Llama, ...) runs through `transformers` instead.
+One table of names (`NAMES`) serves both directions. Exporting changes only the layout, never the function:
+our fused projections are split (Llama) or transposed (GPT-2's Conv1D stores weights as (in, out)); RoPE
+already uses HF's split-halves layout (model.apply_rope), so q/k need no permutation. Importing is the
+inverse, with three more cases: GPT-2's tanh GELU ("gelu_new"), grouped-query attention (each key/value head
+repeated for the query heads that share it: the same function, as transformers' `repeat_kv` computes it) and
+untied output heads. An architecture or setting outside those (OPT, Qwen, Llama-3's scaled RoPE, biases in
+Llama, ...) runs through `transformers` instead.
 """
 
 from __future__ import annotations
@@ -120,39 +121,53 @@ def hf_config(config, bos_id: int | None = None, eos_id: int | None = None):
     )
 
 
+# Our weights' names -> transformers', per architecture, for both directions ("{i}": every block). A tuple: our
+# fused weight is theirs stacked along the output rows (Llama's q, k, v and gate, up). The layouts that differ
+# besides are in `_conv1d` and `_repeat_kv`; RoPE needs nothing (see the module's docstring).
+_GPT2_LAYERS = (("norm1", "ln_1"), ("norm2", "ln_2"), ("attn.qkv", "attn.c_attn"), ("attn.out", "attn.c_proj"),
+                ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj"))
+NAMES = {
+    "gpt2": {
+        "tok_emb.weight": "transformer.wte.weight", "pos_emb.weight": "transformer.wpe.weight",
+        **{f"blocks.{{i}}.{a}.{p}": f"transformer.h.{{i}}.{b}.{p}" for a, b in _GPT2_LAYERS for p in ("weight", "bias")},
+        "norm.weight": "transformer.ln_f.weight", "norm.bias": "transformer.ln_f.bias", "lm_head.weight": "lm_head.weight",
+    },
+    "llama2": {
+        "tok_emb.weight": "model.embed_tokens.weight",
+        "blocks.{i}.norm1.weight": "model.layers.{i}.input_layernorm.weight",
+        "blocks.{i}.norm2.weight": "model.layers.{i}.post_attention_layernorm.weight",
+        "blocks.{i}.attn.qkv.weight": tuple(f"model.layers.{{i}}.self_attn.{p}_proj.weight" for p in "qkv"),
+        "blocks.{i}.attn.out.weight": "model.layers.{i}.self_attn.o_proj.weight",
+        "blocks.{i}.mlp.gate_up.weight": ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+        "blocks.{i}.mlp.proj.weight": "model.layers.{i}.mlp.down_proj.weight",
+        "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight",
+    },
+}
+
+
+def name_pairs(c: LMConfig):
+    """(our name, their name or tuple of names) for every weight of a model of shape `c`."""
+    for ours, theirs in NAMES[c.arch].items():
+        for i in range(c.n_layer) if "{i}" in ours else [None]:
+            yield ours.format(i=i), theirs.format(i=i) if isinstance(theirs, str) else tuple(t.format(i=i) for t in theirs)
+
+
+def _conv1d(c: LMConfig, theirs: str, w: torch.Tensor) -> torch.Tensor:
+    """GPT-2's Conv1D layers (the matrices inside its blocks) store (in, out) where nn.Linear stores (out, in):
+    the same transpose in both directions."""
+    return w.t().contiguous() if c.arch == "gpt2" and theirs.startswith("transformer.h.") and w.dim() == 2 else w
+
+
 def hf_state_dict(model: LM) -> dict[str, torch.Tensor]:
     """Our weights under transformers' names and layouts."""
     c = model.config
     ours = {k: v.detach() for k, v in model.state_dict().items()}
-    d, f = c.n_embd, c.ffn_hidden
     sd = {}
-    if c.arch == "gpt2":
-        t = lambda w: w.t().contiguous()  # nn.Linear (out, in) -> Conv1D (in, out)
-        sd["transformer.wte.weight"] = ours["tok_emb.weight"]
-        sd["transformer.wpe.weight"] = ours["pos_emb.weight"]
-        for i in range(c.n_layer):
-            o, h = f"blocks.{i}.", f"transformer.h.{i}."
-            for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                sd[h + b + ".weight"], sd[h + b + ".bias"] = ours[o + a + ".weight"], ours[o + a + ".bias"]
-            for a, b in (("attn.qkv", "attn.c_attn"), ("attn.out", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
-                sd[h + b + ".weight"], sd[h + b + ".bias"] = t(ours[o + a + ".weight"]), ours[o + a + ".bias"]
-        sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"] = ours["norm.weight"], ours["norm.bias"]
-    else:
-        sd["model.embed_tokens.weight"] = ours["tok_emb.weight"]
-        for i in range(c.n_layer):
-            o, h = f"blocks.{i}.", f"model.layers.{i}."
-            q, k, v = ours[o + "attn.qkv.weight"].split(d)  # (d, d) each: rows are output channels
-            gate, up = ours[o + "mlp.gate_up.weight"].split(f)
-            sd.update({
-                h + "input_layernorm.weight": ours[o + "norm1.weight"],
-                h + "post_attention_layernorm.weight": ours[o + "norm2.weight"],
-                h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k, h + "self_attn.v_proj.weight": v,
-                h + "self_attn.o_proj.weight": ours[o + "attn.out.weight"],
-                h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up,
-                h + "mlp.down_proj.weight": ours[o + "mlp.proj.weight"],
-            })
-        sd["model.norm.weight"] = ours["norm.weight"]
-    sd["lm_head.weight"] = ours["lm_head.weight"]
+    for name, theirs in name_pairs(c):
+        if isinstance(theirs, tuple):
+            sd.update(zip(theirs, ours[name].chunk(len(theirs))))  # rows are output channels
+        else:
+            sd[theirs] = _conv1d(c, theirs, ours[name])
     return {k: v.clone().contiguous() for k, v in sd.items()}
 
 
@@ -204,37 +219,23 @@ def lm_config_of(c) -> LMConfig | None:
     return None
 
 
+def _repeat_kv(sd: dict[str, torch.Tensor], shape: LMConfig) -> None:
+    """Grouped-query attention as ours computes it, in place: each key/value head repeated for the query heads
+    that share it (the same function, as transformers' `repeat_kv` computes it)."""
+    hs = shape.n_embd // shape.n_head
+    for key in [k for k in sd if k.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight"))]:
+        w = sd[key]  # (n_kv_head * hs, d)
+        rep = shape.n_head // (w.size(0) // hs)  # query heads per key/value head
+        sd[key] = w.view(-1, hs, shape.n_embd).repeat_interleave(rep, dim=0).reshape(-1, shape.n_embd)  # (d, d)
+
+
 def our_state_dict(hf, shape: LMConfig) -> dict[str, torch.Tensor]:
-    """A transformers GPT-2 or Llama model's weights under our names and layouts (export.hf_state_dict's inverse)."""
+    """A transformers GPT-2 or Llama model's weights under our names and layouts (hf_state_dict's inverse)."""
     sd = {k: v.detach().float() for k, v in hf.state_dict().items()}
-    out = {}
-    if shape.arch == "gpt2":
-        t = lambda w: w.t().contiguous()  # Conv1D (in, out) -> nn.Linear (out, in)
-        out["tok_emb.weight"], out["pos_emb.weight"] = sd["transformer.wte.weight"], sd["transformer.wpe.weight"]
-        for i in range(shape.n_layer):
-            o, h = f"blocks.{i}.", f"transformer.h.{i}."
-            for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                out[o + a + ".weight"], out[o + a + ".bias"] = sd[h + b + ".weight"], sd[h + b + ".bias"]
-            for a, b in (("attn.qkv", "attn.c_attn"), ("attn.out", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
-                out[o + a + ".weight"], out[o + a + ".bias"] = t(sd[h + b + ".weight"]), sd[h + b + ".bias"]
-        out["norm.weight"], out["norm.bias"] = sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]
-    else:
-        hs = shape.n_embd // shape.n_head
-        out["tok_emb.weight"] = sd["model.embed_tokens.weight"]
-        for i in range(shape.n_layer):
-            o, h = f"blocks.{i}.", f"model.layers.{i}."
-            q, k, v = (sd[h + f"self_attn.{p}_proj.weight"] for p in "qkv")
-            rep = shape.n_head // (k.size(0) // hs)  # query heads per key/value head (grouped-query attention)
-            k, v = (w.view(-1, hs, shape.n_embd).repeat_interleave(rep, dim=0).reshape(-1, shape.n_embd) for w in (k, v))
-            out.update({
-                o + "norm1.weight": sd[h + "input_layernorm.weight"], o + "norm2.weight": sd[h + "post_attention_layernorm.weight"],
-                o + "attn.qkv.weight": torch.cat([q, k, v]), o + "attn.out.weight": sd[h + "self_attn.o_proj.weight"],
-                o + "mlp.gate_up.weight": torch.cat([sd[h + "mlp.gate_proj.weight"], sd[h + "mlp.up_proj.weight"]]),
-                o + "mlp.proj.weight": sd[h + "mlp.down_proj.weight"],
-            })
-        out["norm.weight"] = sd["model.norm.weight"]
-    out["lm_head.weight"] = sd.get("lm_head.weight", out["tok_emb.weight"])
-    return out
+    sd.setdefault("lm_head.weight", sd[NAMES[shape.arch]["tok_emb.weight"]])  # a tied head
+    _repeat_kv(sd, shape)
+    return {name: torch.cat([sd[t] for t in theirs]) if isinstance(theirs, tuple) else _conv1d(shape, theirs, sd[theirs])
+            for name, theirs in name_pairs(shape)}
 
 
 def import_hf(hf, dropout: float = 0.0) -> LM | None:
