@@ -101,7 +101,8 @@ def _work(w: int, workers: int, family, store, cfg, policies, groups, spool: Pat
             payload = pickle.dumps(e)
         except Exception:  # noqa: BLE001
             payload = pickle.dumps(RunFailed(f"a worker process failed: {e!r}"))
-        (spool / f"error-{w}").write_bytes(payload)
+        (spool / f"error-{w}.part").write_bytes(payload)
+        os.replace(spool / f"error-{w}.part", spool / f"error-{w}.pickle")  # whole, or not there
         os._exit(1)
     os._exit(0)
 
@@ -156,9 +157,10 @@ def _show(done, shown: int, bar) -> int:
 
 
 def _raise_failures(spool: Path, pool) -> None:
-    """A worker's error, as it raised it; or one line for a worker that died without a word (killed)."""
-    for path in sorted(spool.glob("error-*")):
+    """A worker's error, as it raised it; or one line for a worker that died without a word (killed). The exit
+    codes are read first: a worker writes its error before it exits, so an ended worker's error is there."""
+    ended = [proc.exitcode for proc in pool if proc.exitcode not in (None, 0)]
+    for path in sorted(spool.glob("error-*.pickle")):
         raise pickle.loads(path.read_bytes())
-    for proc in pool:
-        if proc.exitcode not in (None, 0):
-            raise RunFailed(f"a worker process ended with exit code {proc.exitcode} before its seeds were done")
+    if ended:
+        raise RunFailed(f"a worker process ended with exit code {ended[0]} before its seeds were done")
