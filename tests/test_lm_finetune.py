@@ -178,8 +178,8 @@ def run_loop(tmp_path, name, lm, policies=("replace",), iterations=3, seeds=1):
 def test_init_base_starts_every_generation_from_the_base_and_previous_from_its_predecessor(bases, tmp_path, monkeypatch):
     starts = []
     real_fit = loops.fit
-    monkeypatch.setattr(loops, "fit", lambda cfg, train, vocab, seed, workdir, device, start=None: (
-        starts.append((workdir.name, state(start))), real_fit(cfg, train, vocab, seed, workdir, device, start))[1])
+    monkeypatch.setattr(loops, "fit", lambda cfg, train, vocab, seed, workdir, device, start=None, real_weight=None: (
+        starts.append((workdir.name, state(start))), real_fit(cfg, train, vocab, seed, workdir, device, start, real_weight))[1])
     lm = dict(FT, base=str(bases["llama"]))
     run_loop(tmp_path, "base", lm)
     base = state(load_hf_dir(bases["llama"]).model)
