@@ -68,7 +68,7 @@ METRICS = {
     "distinct_*": ("distinct n-grams / all n-grams in the stories sampled for evaluation (n = 1, 2, 3)", "", "higher"),
     "sample_tokens": ("mean length of a sampled story", "tokens", "the real stories' length"),
     "sample_eos": ("share of sampled stories that ended by EOS, not by the length limit", "", "higher"),
-    "sample_ppl": ("mean perplexity of the sampled stories under generation 1's model (or the base)", "", "the real stories' (collapse lowers it)"),
+    "sample_ppl": ("mean perplexity of the sampled stories under generation 1's model (or the base)", "", "the real stories' (collapse moves it: down in Shumailov et al., up in the CPU fine-tuning study here)"),
     "sample_ppl_p10": ("10th percentile of the sampled stories' perplexity (see sample_ppl)", "", ""),
     "sample_ppl_p90": ("90th percentile of the sampled stories' perplexity (see sample_ppl)", "", ""),
     "self_bleu": ("mean BLEU-4 of each sampled story against the others (Self-BLEU): how much they repeat each other", "", "lower"),
