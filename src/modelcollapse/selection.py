@@ -92,6 +92,11 @@ class SelectSpec(BaseModel):
         return f"{self.name}-{self.score}-x{self.candidates_per_example}{extra}"
 
 
+def gumbel(keys, n: int) -> np.ndarray:
+    """The first n standard Gumbel draws of each select stream `keys` (k-choice's Gumbel-max trick)."""
+    return -np.log(-np.log(uniform(keys, np.arange(n, dtype=np.uint64))))
+
+
 def select(scores: np.ndarray, size: int, spec: SelectSpec, keys: np.ndarray, per_input: bool):
     """Which candidates to keep, for every seed: scores (S, n) with n = size × candidates_per_example.
     Returns (kept (S, m) indices in draw order, and metrics (S,) each: kept fraction, mean kept and rejected
@@ -104,8 +109,7 @@ def select(scores: np.ndarray, size: int, spec: SelectSpec, keys: np.ndarray, pe
     elif spec.name == "top-fraction":
         kept = np.argmax(grouped, axis=1) * size + np.arange(size)
     elif spec.name == "k-choice":
-        gumbel = -np.log(-np.log(uniform(keys[:, None], np.arange(n, dtype=np.uint64)).reshape(S, k, size)))
-        kept = np.argmax(grouped / (spec.temperature or 1.0) + gumbel, axis=1) * size + np.arange(size)
+        kept = np.argmax(grouped / (spec.temperature or 1.0) + gumbel(keys[:, None], n).reshape(S, k, size), axis=1) * size + np.arange(size)
     else:  # threshold
         passing = scores >= spec.min_score
         if per_input:
@@ -144,8 +148,8 @@ def select_grouped(scores: np.ndarray, sizes: np.ndarray, size: int, spec: Selec
     else:  # k-choice among consecutive groups of k candidates (i.i.d. draws, so any grouping is fair)
         k = spec.candidates_per_example
         groups = scores[: n // k * k].reshape(-1, k)
-        gumbel = -np.log(-np.log(uniform(np.uint64(key), np.arange(groups.size, dtype=np.uint64)).reshape(groups.shape)))
-        order = np.argmax(groups / (spec.temperature or 1.0) + gumbel, axis=1) + k * np.arange(len(groups))
+        noise = gumbel(np.uint64(key), groups.size).reshape(groups.shape)
+        order = np.argmax(groups / (spec.temperature or 1.0) + noise, axis=1) + k * np.arange(len(groups))
     reached = np.cumsum(sizes[order])
     have = int(reached[-1]) if len(order) else 0
     if have < size and not (spec.name == "threshold" and spec.allow_short):
