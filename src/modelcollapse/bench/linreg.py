@@ -13,7 +13,6 @@ import os
 import numpy as np
 
 from modelcollapse import procs
-
 from modelcollapse.bench import median_ratio, paired_times, say
 from modelcollapse.families import linreg as family_module
 from modelcollapse.families.linreg import Block, Labels
