@@ -12,6 +12,7 @@ import pytest
 
 from conftest import SRC, cli
 from modelcollapse import config as configlib
+from modelcollapse import loop
 from modelcollapse.errors import BadInput
 from modelcollapse.families import linreg
 from modelcollapse.loop import SHARED, run_experiment
@@ -215,8 +216,6 @@ def test_fresh_without_enough_real_data_is_refused_before_anything_is_written(tm
 
 
 def test_a_vectorised_unit_in_groups_of_seeds_equals_one_seed_at_a_time_and_rebuilds_alike(tmp_path, monkeypatch):
-    from modelcollapse import loop
-
     monkeypatch.setattr(loop, "SEEDS_AT_ONCE", 2)  # 5 seeds: groups of 2, 2 and 1
     fast = run_experiment(make("fast", seeds=5), tmp_path / "fast", progress=False)
     slow = run_experiment(make("loop", seeds=5), tmp_path / "loop", progress=False)
@@ -233,7 +232,6 @@ def test_seeds_split_over_processes_end_as_one_process_does(tmp_path, monkeypatc
     """--threads N splits a vectorised run's groups of seeds over N worker processes: metrics.jsonl and every
     unit's record come out byte for byte as one process writes them; a worker's error fails the run, which then
     resumes to the same end; a chain that turns non-finite stops its own unit only."""
-    from modelcollapse import loop
     from modelcollapse.procs import THREADS_ENV
 
     monkeypatch.setattr(loop, "SEEDS_AT_ONCE", 2)  # 5 seeds: groups of 2, 2 and 1, so both workers have some
@@ -276,6 +274,65 @@ def test_seeds_split_over_processes_end_as_one_process_does(tmp_path, monkeypatc
     rows = [json.loads(x) for x in lines(stop)]
     assert {r["policy"] for r in rows} == {"replace", "accumulate", "mix-0.5"}
     assert not [r for r in rows if r["policy"] == "accumulate" and r["seed"] == 4]  # the group after the stop
+
+
+def test_chains_split_over_processes_end_as_one_process_does(tmp_path, monkeypatch):
+    """On the CPU, --threads N runs the generic loop's (policy, seed) chains in N worker processes: every
+    generation's record and metrics.jsonl come out as one process writes them, generation 1 is still fit once
+    per seed; a worker's error fails the run, which resumes to the same end; a chain that turns non-finite
+    stops only itself."""
+    import multiprocessing
+
+    from modelcollapse.procs import THREADS_ENV
+
+    real_fit, fits = linreg.Family.fit, tmp_path / "fits"
+
+    def logged_fit(self, train, seed, workdir, *a, **k):  # the workers' fits, as lines of a file
+        with open(fits, "a") as f:
+            f.write(f"{workdir.name}\n")
+        return real_fit(self, train, seed, workdir, *a, **k)
+
+    one = run_experiment(make("loop"), tmp_path / "one", progress=False)
+    monkeypatch.setenv(THREADS_ENV, "2")
+    monkeypatch.setattr(linreg.Family, "fit", logged_fit)
+    two = run_experiment(make("loop"), tmp_path / "two", progress=False)
+    assert (two / "metrics.jsonl").read_bytes() == (one / "metrics.jsonl").read_bytes()
+    records = sorted(one.glob("*/seed-*/gen-*/metrics.json"))
+    assert len(records) == len(POLICIES) * 3 * 4
+    for record in records:
+        assert read_json(two / record.relative_to(one))["rows"] == read_json(record)["rows"]
+    assert fits.read_text().split().count("gen-1") == 3  # generation 1 fit once per seed
+
+    calls = [0]
+
+    def flaky_fit(self, *a, **k):  # each forked worker counts its own calls
+        calls[0] += 1
+        if calls[0] == 10:
+            raise RuntimeError("the machine went away")
+        return real_fit(self, *a, **k)
+
+    monkeypatch.setattr(linreg.Family, "fit", flaky_fit)
+    with pytest.raises(RuntimeError, match="went away"):
+        run_experiment(make("loop"), tmp_path / "cut", progress=False)
+    assert not multiprocessing.active_children()
+    assert read_json(tmp_path / "cut" / "manifest.json")["status"] == "failed"
+    monkeypatch.setattr(linreg.Family, "fit", real_fit)
+    run_experiment(make("loop"), tmp_path / "cut", progress=False)
+    assert lines(tmp_path / "cut") == lines(one)
+
+    def broken_fit(self, train, *a, **k):  # accumulate diverges in generation 3, every seed
+        fitted = real_fit(self, train, *a, **k)
+        if train.n == 3 * 12:
+            fitted.w_hat_[...] = np.inf
+        return fitted
+
+    monkeypatch.setattr(linreg.Family, "fit", broken_fit)
+    with pytest.raises(loop.ChainStopped, match="3 chain.s. stopped.*accumulate seed . gen 3: test_error is not finite"):
+        run_experiment(make("loop", policies=["replace", "accumulate"]), tmp_path / "stop", progress=False)
+    stop = tmp_path / "stop"
+    assert len(list(stop.glob("replace/seed-*/gen-4/metrics.json"))) == 3
+    assert len(list(stop.glob("accumulate/seed-*/gen-2/metrics.json"))) == 3 and not list(stop.glob("accumulate/seed-*/gen-3/metrics.json"))
+    assert {json.loads(x)["policy"] for x in lines(stop)} == {"replace", "accumulate"}
 
 
 def test_an_interrupted_run_on_processes_leaves_no_worker_and_resumes(tmp_path):

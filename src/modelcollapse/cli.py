@@ -17,8 +17,9 @@ from modelcollapse.procs import DEFAULT_THREADS, THREADS_ENV, set_threads
 
 # The benchmarks' names, without importing the benchmarks (numpy, torch) to print help.
 BENCH_NAMES = ("linreg", "linreg-all", "gaussian", "categorical", "kde", "lm-train", "lm-sample")
-THREADS_HELP = (f"torch/OpenMP threads, and the processes a vectorised run (linreg, gaussian, categorical, kde) "
-                f"splits its seeds over (default: ${THREADS_ENV}, else OMP_NUM_THREADS, else {DEFAULT_THREADS}: "
+THREADS_HELP = (f"torch/OpenMP threads; on the CPU, the processes a run splits its work over: a vectorised run "
+                f"(linreg, gaussian, categorical, kde) its seeds, any other its (policy, seed) chains, one thread each "
+                f"(default: ${THREADS_ENV}, else OMP_NUM_THREADS, else {DEFAULT_THREADS}: "
                 "small models gain nothing from more threads, and lose much on shared cores)")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,

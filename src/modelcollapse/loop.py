@@ -123,10 +123,11 @@ def run_experiment(cfg: ExperimentConfig, out: Path, progress: bool | None = Non
 
                 from modelcollapse import parallel
 
-                workers = min(procs.threads(), len(seed_groups(cfg.seeds)))
-                if vectorised(family) and workers > 1 and parallel.available():
+                workers = min(procs.threads(), len(seed_groups(cfg.seeds)) if vectorised(family) else len(cfg.policies) * len(cfg.seeds))
+                split = workers > 1 and parallel.available() and (vectorised(family) or splits_chains(device))
+                if split:
                     bar.set_description(f"{cfg.name}: {len(cfg.policies)} policies on {workers} processes", refresh=False)
-                    parallel.run_split(family, store, cfg, workers, bar, tracker, stops)
+                    (parallel.run_split if vectorised(family) else parallel.run_chains)(family, store, cfg, workers, bar, tracker, stops)
                 else:
                     for policy in cfg.policies:
                         bar.set_description(f"{cfg.name}: {policy.label}", refresh=False)
@@ -139,9 +140,15 @@ def run_experiment(cfg: ExperimentConfig, out: Path, progress: bool | None = Non
                 bar.close()
                 if stopped:
                     raise ChainStopped(f"{len(stopped)} chain(s) stopped on non-finite metrics; the first: {stopped[0]}")
-            if resumed and store.appended:
-                store.reset_metrics(finished_rows(store, cfg, family))  # resumed units were appended after later ones
+            if (resumed or (split and not vectorised(family))) and store.appended:  # resumed units come after later ones, split chains' as they end
+                store.reset_metrics(finished_rows(store, cfg, family))
     return out
+
+
+def splits_chains(device: str) -> bool:
+    """Whether the generic loop's chains may run in worker processes: on the CPU, in a run of one process (a
+    GPU is shared by one process's chains; a data-parallel run's ranks already use the cores)."""
+    return str(device).startswith("cpu") and distributed.world_size() == 1
 
 
 LOG_EVERY = 10.0  # seconds: where stderr is a log, not a terminal, a progress line this often (none for shorter runs)

@@ -134,6 +134,7 @@ class RunDir:
         self._lock = None
         self._metrics = None
         self.appended = 0  # metric lines appended since metrics.jsonl was last rebuilt
+        self.rows_here = True  # False in a forked worker, whose rows the parent appends (parallel.py)
 
     @classmethod
     def check(cls, path: Path, config_hash: str) -> None:
@@ -294,6 +295,8 @@ class RunDir:
 
     def append_text(self, text: str) -> None:
         """Append whole metric lines, newline-ended."""
+        if not self.rows_here:
+            return
         self.appended += text.count("\n")
         self._metrics.write(text)
         self._metrics.flush()
