@@ -160,3 +160,21 @@ def test_a_sweep_and_a_run_of_one_family_and_name_keep_their_figures_apart(tmp_p
     assert {"linreg-test_error.png", "linreg-2-test_error.png", "linreg-metrics.png"} <= {p.name for p in out.iterdir()}
     page = (out / "index.html").read_text()
     assert "linreg: a linreg sweep over T" in page and "linreg [T=6]" in page and "<h2>linreg: linreg</h2>" in page
+
+
+def test_differences_are_paired_by_seed_with_their_interval(tmp_path):
+    """Seeds far apart (0, 10, 20) whose changes agree: paired, the interval is the changes' spread, not the
+    seeds'."""
+    run = fake_run(tmp_path / "vae-cpu", "vae", {"test_nelbo": lambda i, n: 0.0}, seeds=3, iterations=2)
+    rise = {"replace": [1.0, 1.2, 0.8], "accumulate": [0.1, 0.2, 0.0]}
+    rows = [dict(policy=p, seed=s, iteration=n, metric="test_nelbo", value=10.0 * s + (rise[p][s] if n == 2 else 0.0))
+            for p in rise for s in range(3) for n in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    header, body = report.tables.paired_table(report.Run(run), ["test_nelbo"])
+    assert header == ["metric (paired by seed)", "replace: last − first", "accumulate: last − first", "replace − accumulate (last)"]
+    half = 4.302653 / 3**0.5  # t(0.975, 2 df) / sqrt(n), times the sd: 0.2, 0.1 and 0.1
+    assert body == [["test_nelbo", f"+1 ± {0.2 * half:.2g}", f"+0.1 ± {0.1 * half:.2g}", f"+0.9 ± {0.1 * half:.2g}"]]
+    summary = (report.write_report([run], tmp_path / "rep") / "summary.md").read_text()
+    assert "| test_nelbo | +1 ± 0.5 | +0.1 ± 0.25 | +0.9 ± 0.25 |" in summary
+    one = fake_run(tmp_path / "one", "vae", {"test_nelbo": lambda i, n: n}, seeds=1, iterations=2)
+    assert report.tables.paired_table(report.Run(one), ["test_nelbo"]) is None

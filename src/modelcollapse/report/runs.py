@@ -83,6 +83,12 @@ class Run:
     def metrics(self) -> list[str]:
         return list(dict.fromkeys(self.columns["metric"].tolist()))
 
+    def by_seed(self, metric: str, policy: str, iteration: int) -> dict[int, float]:
+        """seed -> value of one metric, policy and iteration (for differences paired by seed)."""
+        c = self.columns
+        m = (c["iteration"] == iteration) & (c["metric"] == metric) & (c["policy"] == policy)
+        return dict(zip(c["seed"][m].tolist(), c["value"][m].tolist()))
+
 
 class SweepDir:
     """A sweep directory: its grid keys and values, and the runs of the cells that have started."""

@@ -18,7 +18,7 @@ from modelcollapse.families import table_name
 from .doc import Doc, printable
 from .figures import band_phrase, numeric_axis, plot_axis, plot_facets, plot_metric, plot_run_metrics
 from .runs import Run, SweepDir, family_extras, find_runs, name_runs, primary_metric, slug
-from .tables import final_table, summary_table, sweep_table
+from .tables import final_table, paired_table, summary_table, sweep_table
 from .words import claim_of, describe, groups, min_iterations, run_facts, seed_counts, seeds_phrase, unit_of
 
 
@@ -163,6 +163,10 @@ def family_section(family: str, fruns: list[Run], doc: Doc, out: Path, figures: 
             header, rows = summary_table(r, primary)
             doc.table(f"{r.label}: {primary}{f' ({unit})' if unit else ''}, {seeds_phrase(*seed_counts([r.table(primary)]))}",
                       header, rows)
+            pairs = paired_table(r, [primary, *(m for m in others if m in r.metrics())])
+            if pairs:
+                doc.table(f"{r.label}: changes and differences paired by seed (the same seeds under every policy), mean ± "
+                          f"95% CI; an interval that excludes 0 is a difference beyond seed-to-seed noise", *pairs)
     for r in fruns:
         mine = [m for m in others if m in r.metrics()]
         if not mine:

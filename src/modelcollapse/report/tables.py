@@ -1,5 +1,6 @@
 """The tables, as a header and rows of strings: a metric per iteration with its exact expectation, every
-metric at the last iteration, a sweep's cells; each value the mean ± 95% CI over seeds."""
+metric at the last iteration, differences paired by seed, a sweep's cells; each value the mean ± 95% CI over
+seeds."""
 
 from __future__ import annotations
 
@@ -66,3 +67,32 @@ def summary_table(run: Run, metric: str) -> tuple[list[str], list[list[str]]]:
                 row.append(f"{theories[p][n - 1]:.4g}")
         body.append(row)
     return header, body
+
+
+REFERENCE = "accumulate"  # the policy the paired differences are taken against, where a run has it
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> str:
+    """a − b over the seeds both have, mean ± 95% CI; "" where fewer than two seeds pair."""
+    common = [s for s in a if s in b]
+    if len(common) < 2:
+        return ""
+    m, h = mean_ci([a[s] - b[s] for s in common])
+    return f"{m:+.4g} ± {h:.2g}"
+
+
+def paired_table(run: Run, metrics: list[str]) -> tuple[list[str], list[list[str]]] | None:
+    """Per metric, differences paired by seed (every policy runs the same seeds): each policy's rise from
+    iteration 1 to its last, and each other policy minus accumulate at the last iteration. None for a run
+    with fewer than two seeds, whose differences have no interval."""
+    if len(run.seeds) < 2:
+        return None
+    policies = [p for p in run.policies if any(p in run.table(m) for m in metrics)]
+    others = [p for p in policies if p != REFERENCE] if REFERENCE in policies else []
+    body = []
+    for metric in metrics:
+        table = run.table(metric)
+        last = {p: run.by_seed(metric, p, max(table[p])) if table.get(p) else {} for p in policies}
+        rises = [paired(last[p], run.by_seed(metric, p, min(table[p]))) if table.get(p) else "" for p in policies]
+        body.append([metric, *rises, *(paired(last[p], last[REFERENCE]) for p in others)])
+    return ["metric (paired by seed)", *(f"{p}: last − first" for p in policies), *(f"{p} − {REFERENCE} (last)" for p in others)], body
