@@ -17,7 +17,8 @@ import numpy as np  # noqa: E402
 from .runs import Run, SweepDir, family_extras, mean_ci, theory_for  # noqa: E402
 from .words import group_key, unit_of  # noqa: E402
 
-FEW_SEEDS = 3
+FEW_SEEDS = 2  # up to this many seeds, each seed's line instead of a band: t(0.975, 1 df) = 12.7 makes a 2-seed band
+# mostly its quantile; from 3 seeds (t = 4.3) the band is the interval the tables print
 THEORY = dict(ls=(0, (4, 2)), lw=1.6, zorder=4)  # dashed, above the data lines, so a theory that fits still shows
 BASELINE_COLOURS = ("#7f7f7f", "#8c564b", "#e377c2", "#bcbd22")
 
@@ -68,7 +69,7 @@ def draw_panel(ax, run: Run, metric: str, colors: dict[str, str]) -> None:
         style = "o-" if len(its) <= 30 else "-"
         n_seeds = max(len(table[policy][n]) for n in its)
         ax.plot(its, m, style, color=color, ms=3, zorder=2, label=f"{policy} ({n_seeds} seed{'s' if n_seeds != 1 else ''})")
-        if 1 < n_seeds <= FEW_SEEDS:  # a t-interval on 2 or 3 seeds is mostly its t quantile (12.7 for 2): show the seeds
+        if 1 < n_seeds <= FEW_SEEDS:
             for k in range(n_seeds):
                 ax.plot(its, [table[policy][n][k] if k < len(table[policy][n]) else np.nan for n in its], "-", color=color, lw=0.7, alpha=0.35, zorder=1)
         elif n_seeds > FEW_SEEDS:
