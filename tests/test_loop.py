@@ -335,10 +335,11 @@ def test_chains_split_over_processes_end_as_one_process_does(tmp_path, monkeypat
     assert {json.loads(x)["policy"] for x in lines(stop)} == {"replace", "accumulate"}
 
 
-def test_an_interrupted_run_on_processes_leaves_no_worker_and_resumes(tmp_path):
+@pytest.mark.parametrize("method,seeds", [("fast", 1100), ("loop", 4)])  # seed groups, or (policy, seed) chains
+def test_an_interrupted_run_on_processes_leaves_no_worker_and_resumes(tmp_path, method, seeds):
     cfg = tmp_path / "cfg.toml"
-    cfg.write_text('name = "k"\nfamily = "linreg"\npolicies = ["replace", "accumulate-subsample"]\niterations = 60\n'
-                   'seeds = 1100\n[linreg]\nd = 10\nT = 100\nn_test = 100\n')
+    cfg.write_text(f'name = "k"\nfamily = "linreg"\npolicies = ["replace", "accumulate-subsample"]\niterations = 60\n'
+                   f'seeds = {seeds}\n[linreg]\nd = 10\nT = 100\nn_test = 100\nmethod = "{method}"\n')
     assert cli("run", cfg, "--out", tmp_path / "whole").returncode == 0
     env = dict(os.environ, PYTHONPATH=str(SRC))
     proc = subprocess.Popen([sys.executable, "-m", "modelcollapse", "run", str(cfg), "--out", str(tmp_path / "cut"), "--threads", "2"],
