@@ -228,6 +228,19 @@ def test_a_vectorised_unit_in_groups_of_seeds_equals_one_seed_at_a_time_and_rebu
     assert lines(fast) == before
 
 
+def fit_failing_at(call: int, real_fit=linreg.Family.fit):
+    """linreg's fit, raising at its `call`-th call in each process (a forked worker counts its own)."""
+    calls = [0]
+
+    def fit(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == call:
+            raise RuntimeError("the machine went away")
+        return real_fit(self, *a, **k)
+
+    return fit
+
+
 def test_seeds_split_over_processes_end_as_one_process_does(tmp_path, monkeypatch):
     """--threads N splits a vectorised run's groups of seeds over N worker processes: metrics.jsonl and every
     unit's record come out byte for byte as one process writes them; a worker's error fails the run, which then
@@ -242,15 +255,8 @@ def test_seeds_split_over_processes_end_as_one_process_does(tmp_path, monkeypatc
     for record in one.glob("*/all-seeds/metrics.json"):
         assert record.read_bytes() == (two / record.relative_to(one)).read_bytes()
 
-    calls, real_fit = [0], linreg.Family.fit
-
-    def flaky_fit(self, *a, **k):  # each forked worker counts its own calls
-        calls[0] += 1
-        if calls[0] == 25:
-            raise RuntimeError("the machine went away")
-        return real_fit(self, *a, **k)
-
-    monkeypatch.setattr(linreg.Family, "fit", flaky_fit)
+    real_fit = linreg.Family.fit
+    monkeypatch.setattr(linreg.Family, "fit", fit_failing_at(25))
     with pytest.raises(RuntimeError, match="went away"):
         run_experiment(make("fast", seeds=5, iterations=6), tmp_path / "cut", progress=False)
     assert read_json(tmp_path / "cut" / "manifest.json")["status"] == "failed"
@@ -303,15 +309,7 @@ def test_chains_split_over_processes_end_as_one_process_does(tmp_path, monkeypat
         assert read_json(two / record.relative_to(one))["rows"] == read_json(record)["rows"]
     assert fits.read_text().split().count("gen-1") == 3  # generation 1 fit once per seed
 
-    calls = [0]
-
-    def flaky_fit(self, *a, **k):  # each forked worker counts its own calls
-        calls[0] += 1
-        if calls[0] == 10:
-            raise RuntimeError("the machine went away")
-        return real_fit(self, *a, **k)
-
-    monkeypatch.setattr(linreg.Family, "fit", flaky_fit)
+    monkeypatch.setattr(linreg.Family, "fit", fit_failing_at(10, real_fit))
     with pytest.raises(RuntimeError, match="went away"):
         run_experiment(make("loop"), tmp_path / "cut", progress=False)
     assert not multiprocessing.active_children()
