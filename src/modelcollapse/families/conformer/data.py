@@ -678,4 +678,5 @@ def load_molecules(source: Source, cache_dir: Path) -> tuple[ConformerSet, dict[
     data_set = ConformerSet([g for g, _ in mols], np.concatenate([np.full(len(p), k) for k, (_, p) in enumerate(mols)]),
                             [c for _, p in mols for c in p])
     save_set(stem, data_set, {"left_out": left_out})
+    data_set, _ = load_set(stem)  # as every later run reads it (float32, graphs from mol blocks): the same numbers
     return data_set, left_out
