@@ -20,6 +20,21 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+THREAD_VARS = ("MODELCOLLAPSE_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@pytest.fixture(autouse=True)
+def _thread_choice(monkeypatch):
+    """The CLI exports its thread choice into this process's environment (procs.set_threads), and the loop
+    splits a run over that many processes: a test that sets it must not hand it to the tests after it. Each
+    variable's state is recorded first, so monkeypatch's undo ends on it (delenv alone records nothing for a
+    variable that is absent)."""
+    for var in THREAD_VARS:
+        monkeypatch.setenv(var, os.environ.get(var, ""))
+        if not os.environ[var]:
+            monkeypatch.delenv(var)
+
+
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
     """Every test gets a cache of its own, so no test reads another's (or the user's) caches."""
