@@ -36,7 +36,6 @@ import numpy as np
 
 from modelcollapse import loop, procs
 from modelcollapse.errors import RunFailed
-from modelcollapse.store import row_line
 
 POLL = 0.05  # seconds between looks at the workers' files
 
@@ -214,7 +213,7 @@ def run_chains(family, store, cfg, workers: int, bar, tracker, stopped) -> None:
                         raise RunFailed(f"a worker process ended with exit code {proc.exitcode} before its chains were done") from None
                     continue
                 if kind == "rows":
-                    store.append([row_line(**r) for r in value])
+                    store.append_rows(value)
                     tracker.rows(value)
                 elif kind == "update":
                     bar.update(value)

@@ -265,7 +265,7 @@ class RunDir:
     def finish(self, unit: Path, rows: list[dict]) -> None:
         """Mark a generation finished (atomically): its rows and its files' checksums; append the rows."""
         atomic_write_json(unit / RECORD, {"rows": rows, "files": checksums(unit)})
-        self.append([row_line(**r) for r in rows])
+        self.append_rows(rows)
 
     def finish_batch(self, unit: Path, policy: str, seeds: list[int], arrays: dict[str, np.ndarray], group: int) -> None:
         """Mark a vectorised policy finished: its metrics as arrays (seeds, iterations), whose rows were
@@ -292,6 +292,9 @@ class RunDir:
     # -- metrics.jsonl and run.log ----------------------------------------------------------------------------
     def append(self, lines: list[str]) -> None:
         self.append_text("".join(line + "\n" for line in lines))
+
+    def append_rows(self, rows: list[dict]) -> None:
+        self.append([row_line(**r) for r in rows])
 
     def append_text(self, text: str) -> None:
         """Append whole metric lines, newline-ended."""
